@@ -1,0 +1,110 @@
+"""One typed config per component; a run config nests them.
+
+YAML files in ``configs/`` and ``--set a.b=v`` overrides use these dotted names.
+Each field's comment is its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from fg_megatron.config.loader import ConfigError
+
+LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size (must divide the model's KV heads)
+    pp: int = 1  # pipeline-parallel size (must divide the layers); DP = world / (tp * pp)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1 (got {self.tp}, {self.pp})")
+
+
+@dataclass
+class ModelConfig:
+    load: str = "assets/tiny/pi0"  # HF directory or fg checkpoint to start from
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    logprob_impl: LogprobImpl = "auto"  # auto: fused Triton kernel on CUDA, chunked torch elsewhere
+    vocab_pad_multiple: int = 128  # vocabulary padded to a multiple of this x TP
+    recompute: bool = False  # full activation recomputation (saves memory, costs a forward)
+
+
+@dataclass
+class DataConfig:
+    train: str = "assets/tiny/data/pref_train.jsonl"  # JSONL (or parquet) training file
+    eval: Optional[str] = None  # optional held-out file of the same shape
+    format: str = "auto"  # auto-detect from fields, or: generic, hh_rlhf, ultrafeedback, tldr, cvalues, sft
+    max_prompt_length: int = 192  # prompts longer than this lose tokens from the left
+    max_response_length: int = 64  # responses longer than this are cut on the right
+    shuffle: bool = True  # reshuffle each epoch (seeded by train.seed)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    min_lr: float = 0.0  # floor of the cosine / linear decay
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
+    use_distributed_optimizer: bool = True  # shard optimizer state over DP where the backend allows
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    global_batch_size: int = 8  # samples per optimizer step, whatever the layout
+    micro_batch_size: int = 2  # samples per forward on one DP rank
+    seed: int = 1234
+    save: str = "runs/dpo"  # output directory: checkpoints, metrics.jsonl, tb/
+    save_every: int = 0  # also save every N steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept on disk
+    log_every: int = 1  # print a progress line every N steps (metrics.jsonl gets every step)
+    resume: bool = False  # continue from the latest checkpoint in `save`
+    log_gated_ids: bool = False  # write the ids of FlipGuard-gated samples per step
+    tensorboard: bool = True
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid loss only)
+    constraint: Literal["none", "kd", "flipguard"] = "flipguard"
+    gamma: float = 0.01  # weight of the cross-entropy pull toward the chosen response
+    epsilon: float = 0.0  # FlipGuard gate threshold on logp_pi0(y_c) - logp_pi(y_c)
+    ce_reduction: Literal["sum", "mean"] = "sum"  # CE over response tokens: sum (paper eq. 12) or mean
+    reference: Literal["precompute", "online"] = "precompute"  # precompute frees the reference model
+    reference_load: Optional[str] = None  # reference checkpoint (default: model.load)
+
+
+@dataclass
+class SFTConfig:
+    train_on_prompt: bool = False  # also put loss on prompt tokens
+
+
+@dataclass
+class DPORunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass
+class SFTRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)

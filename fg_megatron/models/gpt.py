@@ -1,0 +1,164 @@
+"""Build one megatron-core ``GPTModel`` from a :class:`ModelArch`.
+
+The model's last pipeline stage does not compute logits: it returns an
+:class:`LMHead` (final hidden states + this rank's output-weight shard + where
+that shard sits in the vocabulary) so the log-likelihood code can work from
+hidden states without materialising ``[tokens, vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fg_megatron import platform
+from fg_megatron.models.arch import ModelArch, rope_inv_freq
+
+DEFAULT_VOCAB_PAD_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE) -> int:
+    """Megatron's padding: a multiple of ``multiple * tp`` so every TP shard is equal."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+@dataclass
+class LMHead:
+    """What the last pipeline stage hands to the log-likelihood code."""
+
+    hidden: Tensor  # [s, b, h] after the final norm
+    weight: Tensor  # [V_pad / tp, h]: this rank's rows of the output layer
+    vocab_start: int  # global vocabulary index of weight[0]
+    vocab_size: int  # the real vocabulary: rows at or beyond it are padding
+
+
+def transformer_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
+                       perform_initialization: bool = False, recompute: bool = False):
+    """megatron-core ``TransformerConfig`` for this architecture and layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = platform.cuda_available()
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        rotary_interleaved=arch.rotary_interleaved,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=perform_initialization,
+        # Fusions need CUDA extensions (apex / TE); the unfused paths are exact.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        batch_p2p_comm=True,
+        batch_p2p_sync=on_gpu,
+        deallocate_pipeline_outputs=False,
+    )
+    if pp > 1:
+        # Micro-batches of one step may differ in length: stages exchange shapes.
+        kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+    if arch.sliding_window is not None:
+        # HF Mistral: position i sees j when i - j < window (itself included).
+        kwargs["window_size"] = (arch.sliding_window - 1, 0)
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(arch: ModelArch, use_te: Optional[bool] = None):
+    """Transformer Engine spec when TE and a GPU are present, else megatron-core's local spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te is None:
+        use_te = platform.is_transformer_engine_usable()
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class FGGPTModel(GPTModel):
+        """GPTModel whose last stage returns an :class:`LMHead` instead of logits."""
+
+        def _postprocess(self, hidden_states, *args, **kwargs):
+            if not self.post_process:
+                return hidden_states
+            if self.share_embeddings_and_output_weights:
+                weight = self.shared_embedding_or_output_weight()
+            else:
+                weight = self.output_layer.weight
+            shard = weight.shape[0]
+            return LMHead(
+                hidden=hidden_states,
+                weight=weight,
+                vocab_start=self.pg_collection.tp.rank() * shard,
+                vocab_size=self.real_vocab_size,
+            )
+
+    return FGGPTModel
+
+
+def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
+                    dtype: torch.dtype = torch.float32,
+                    vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE,
+                    use_te: Optional[bool] = None, recompute: bool = False,
+                    perform_initialization: bool = False):
+    """This rank's pipeline stage of the model, on this process's device.
+
+    Weights are left uninitialised unless ``perform_initialization``: callers load
+    a checkpoint right after.
+    """
+    config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype,
+                                perform_initialization=perform_initialization, recompute=recompute)
+    model_cls = _gpt_model_class()
+    model = model_cls(
+        config=config,
+        transformer_layer_spec=layer_spec(arch, use_te),
+        vocab_size=padded_vocab_size(arch.vocab_size, tp, vocab_pad_multiple),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp - 1,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=arch.rotary_percent,
+        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        rope_scaling=False,
+        seq_len_interpolation_factor=None,
+    )
+    model.real_vocab_size = arch.vocab_size
+    # megatron-core hard-codes llama3's constants and ignores other rope types;
+    # use the checkpoint's own parameters.
+    model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(platform.default_device())
+    model.to(platform.default_device())
+    return model

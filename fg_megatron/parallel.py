@@ -1,0 +1,194 @@
+"""torch.distributed + megatron-core parallel_state: TP / PP / DP groups, seeds,
+rank-aware logging.
+
+Process groups come from here and are handed to the code that needs them
+(``ParallelContext``); math code does not read global parallel state.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fg_megatron import platform
+
+
+class ParallelLayoutError(ValueError):
+    """A parallel layout that cannot work for this world size or model."""
+
+
+@dataclass
+class ParallelContext:
+    """The layout of this process in the TP x PP x DP grid, and its groups."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: Optional[dist.ProcessGroup]
+    pp_group: Optional[dist.ProcessGroup]
+    dp_group: Optional[dist.ProcessGroup]
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the process that prints and writes metrics."""
+        return self.rank == 0
+
+    @property
+    def last_stage_main_rank(self) -> int:
+        """Global rank of (tp 0, dp 0) on the last pipeline stage: it holds losses."""
+        from megatron.core import parallel_state as ps
+
+        return ps.get_pipeline_model_parallel_last_rank()
+
+
+def validate_layout(world_size: int, tp: int, pp: int, *, num_kv_heads: Optional[int] = None,
+                    num_heads: Optional[int] = None, num_layers: Optional[int] = None) -> int:
+    """Check a TP x PP layout against the world size and the model; return DP."""
+    if tp < 1 or pp < 1:
+        raise ParallelLayoutError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
+    if world_size % (tp * pp) != 0:
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
+            f"launch a multiple of {tp * pp} processes or change --tp/--pp"
+        )
+    if num_kv_heads is not None and num_kv_heads % tp != 0:
+        raise ParallelLayoutError(
+            f"tensor parallel size {tp} does not divide the model's {num_kv_heads} key/value heads "
+            f"(query groups); use a --tp that divides {num_kv_heads}"
+        )
+    if num_heads is not None and num_heads % tp != 0:
+        raise ParallelLayoutError(
+            f"tensor parallel size {tp} does not divide the model's {num_heads} attention heads"
+        )
+    if num_layers is not None and num_layers % pp != 0:
+        raise ParallelLayoutError(
+            f"pipeline parallel size {pp} does not divide the model's {num_layers} layers"
+        )
+    return world_size // (tp * pp)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """Initialise torch.distributed from torchrun's environment (or as a 1-process
+    world when started with plain ``python``): gloo on CPU, NCCL on GPU."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if platform.cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Optional[int] = None,
+               num_heads: Optional[int] = None, num_layers: Optional[int] = None) -> ParallelContext:
+    """Set up torch.distributed and megatron-core's TP/PP/DP groups.
+
+    The layout is validated before any collective is issued, so a bad layout is
+    a one-line error on every rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_layout(world_size, tp, pp, num_kv_heads=num_kv_heads, num_heads=num_heads,
+                    num_layers=num_layers)
+    platform.adapt_megatron_for_cpu()
+    init_distributed()
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        create_gloo_process_groups=False,
+    )
+    ctx = context_from_megatron()
+    platform.seed_everything(seed, ctx.tp_rank)
+    configure_logging(ctx)
+    return ctx
+
+
+def context_from_megatron() -> ParallelContext:
+    from megatron.core import parallel_state as ps
+
+    return ParallelContext(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        device=platform.default_device(),
+    )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _RankZeroFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank == 0 or record.levelno >= logging.ERROR
+
+
+def configure_logging(ctx: Optional[ParallelContext] = None, level: int = logging.INFO) -> None:
+    """INFO from rank 0 only; errors from every rank, tagged with the rank."""
+    rank = ctx.rank if ctx is not None else int(os.environ.get("RANK", "0"))
+    logger = logging.getLogger("fg_megatron")
+    logger.setLevel(level)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[fg rank{rank}] %(message)s"))
+    handler.addFilter(_RankZeroFilter(rank))
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"fg_megatron.{name}")
