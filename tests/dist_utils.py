@@ -1,0 +1,47 @@
+"""Run a test script under torchrun (gloo on CPU) and read back its JSON result."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DIST_DIR = Path(__file__).resolve().parent / "dist"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str | Path, nproc: int, *args: str, env: dict | None = None,
+             timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc script args`` from the repo root."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = DIST_DIR / script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), str(script), *map(str, args)]
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), full_env.get("PYTHONPATH", "")])
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun {script.name} {' '.join(map(str, args))} failed (rc={proc.returncode}):\n"
+            f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def torchrun_json(script: str | Path, nproc: int, *args: str, out: Path, **kwargs) -> dict:
+    """Run a script that writes its result as JSON to ``--out``; return it."""
+    torchrun(script, nproc, *args, "--out", str(out), **kwargs)
+    return json.loads(Path(out).read_text())
