@@ -128,6 +128,32 @@ def _gpt_model_class():
     return FGGPTModel
 
 
+def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int) -> None:
+    """Tag each parameter as TP-sharded or replicated.
+
+    megatron-core only sets ``tensor_model_parallel`` while initialising weights;
+    with ``perform_initialization=False`` (we load checkpoints) the tags are
+    missing and the optimizer counts every shard as a TP duplicate in the grad
+    norm.  The sharding rules are the single source of truth.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        set_defaults_if_not_set_tensor_model_parallel_attributes,
+        set_tensor_model_parallel_attributes,
+    )
+
+    from fg_megatron.models import sharding
+
+    for name, param in model.named_parameters():
+        kind = sharding.shard_kind(sharding.full_name(name, arch, pp, pp_rank))
+        if kind == "rep":
+            set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        else:
+            for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+                if hasattr(param, attr):
+                    delattr(param, attr)
+            set_tensor_model_parallel_attributes(param, True, 1 if kind == "row" else 0, 1)
+
+
 def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
                     dtype: torch.dtype = torch.float32,
                     vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE,
@@ -157,6 +183,7 @@ def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
         seq_len_interpolation_factor=None,
     )
     model.real_vocab_size = arch.vocab_size
+    _mark_tensor_parallel_params(model, arch, pp, pp_rank)
     # megatron-core hard-codes llama3's constants and ignores other rope types;
     # use the checkpoint's own parameters.
     model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(platform.default_device())

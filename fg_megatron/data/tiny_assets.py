@@ -1,0 +1,91 @@
+"""Build the bundled tiny assets: the task's data splits and a tokenizer trained on them.
+
+``python tools/make_tiny_assets.py`` calls :func:`build_tiny_assets`; the result is a pure
+function of the seed (a test regenerates it and compares file hashes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+from fg_megatron.data.tiny_task import SIZES, generate, write_jsonl
+
+PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK) + ROLE_TOKENS  # ids 0..6, in this order
+
+# Renders [{role, content}] as  BOS <|role|>\ncontent\n ... ; an assistant turn ends with EOS
+# instead of the newline, so  render(messages[:-1], add_generation_prompt=True) + content + EOS
+# == render(messages)  when the last message is the assistant's: the prompt/response split of a
+# conversation loses nothing.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% else %}{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> Any:
+    """A byte-level BPE tokenizer (digits split one by one, like Llama's) trained on ``texts``,
+    wrapped as a ``PreTrainedTokenizerFast`` that adds BOS and carries :data:`CHAT_TEMPLATE`.
+
+    Byte-level: any UTF-8 text (Chinese included) encodes without unknown tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, chat_template=CHAT_TEMPLATE, model_max_length=512)
+
+
+def save_tokenizer(tokenizer: Any, out: Union[str, Path]) -> None:
+    """``save_pretrained``, with the generic class name so older transformers (4.x) load it too.
+    (The role tokens need no entry in the config: tokenizer.json marks them special.)"""
+    out = Path(out)
+    tokenizer.save_pretrained(str(out))
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def corpus(splits: dict[str, list[dict]]) -> list[str]:
+    """The texts the tokenizer learns from: every prompt and response of every split."""
+    texts = []
+    for rows in splits.values():
+        for row in rows:
+            texts += [row[k] for k in ("prompt", "response", "chosen", "rejected") if k in row]
+    return texts
+
+
+def build_tiny_assets(out: Union[str, Path], seed: int = 0, vocab_size: int = 1024,
+                      sizes: dict[str, int] = SIZES) -> dict[str, Path]:
+    """Write ``out/data/{sft_train,pref_train,pref_eval,test_prompts}.jsonl`` and ``out/tokenizer/``."""
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    splits = generate(seed, sizes)
+    files = {}
+    for name, rows in splits.items():
+        files[name] = out / "data" / f"{name}.jsonl"
+        write_jsonl(rows, files[name])
+    tokenizer = train_tokenizer(corpus(splits), vocab_size)
+    save_tokenizer(tokenizer, out / "tokenizer")
+    files["tokenizer"] = out / "tokenizer"
+    return files

@@ -1,0 +1,231 @@
+"""The one tokenisation of a (prompt, response) used by SFT, DPO, scoring and generation.
+
+Copies of this logic drift apart (TRL #2209: a copied ``tokenize_row`` truncated
+wrongly), so every consumer goes through the two encoders below:
+
+- prompt: encoded without special tokens, then the tokenizer's leading special
+  tokens (BOS for Llama-style tokenizers) are put in front unless the text already
+  starts with them (a chat-template rendering that contains BOS), so they are
+  never doubled.  Too long a prompt loses tokens from the **left**, just after
+  those leading special tokens: the model always sees BOS first and the end of the
+  prompt, which is the part next to the response.
+- response: encoded without special tokens, EOS appended, then cut on the
+  **right** to ``max_response_length`` (a cut response has no EOS).
+
+:func:`encode_prompts` and :func:`encode_responses` hold these rules; everything else
+(pairs, SFT rows, prompts for generation) is composed from them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from fg_megatron.data.errors import DataFormatError
+from fg_megatron.data.records import PreferenceRecord, PromptRecord, SFTRecord
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a tokenizer puts its special tokens around a single text."""
+
+    prefix: tuple[int, ...]  # added before the text (BOS)
+    suffix: tuple[int, ...]  # added after it by add_special_tokens=True (never used for prompts)
+    eos_id: int
+    pad_id: int  # the pad token, or EOS for tokenizers without one (padding is masked anyway)
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[Any, TokenLayout]" = weakref.WeakKeyDictionary()
+
+
+def token_layout(tokenizer: Any) -> TokenLayout:
+    """Probe ``tokenizer`` once (cached): which ids does ``add_special_tokens`` wrap a text in?"""
+    try:
+        return _LAYOUTS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    probe = "a b"
+    with_sp = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    at = next((i for i in range(len(with_sp) - len(plain) + 1) if with_sp[i:i + len(plain)] == plain), None)
+    if at is None:
+        raise ValueError(f"cannot locate the special tokens this tokenizer adds: {with_sp} does not contain {plain}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; responses end with EOS: set tokenizer.eos_token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    layout = TokenLayout(tuple(with_sp[:at]), tuple(with_sp[at + len(plain):]), int(eos), int(pad))
+    try:
+        _LAYOUTS[tokenizer] = layout
+    except TypeError:  # not weak-referenceable: probe every time
+        pass
+    return layout
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids of one prompt and one response (EOS included unless cut)."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    prompt_truncated: bool = False
+    response_truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair sharing one tokenised prompt."""
+
+    id: str
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    prompt_truncated: bool = False
+    response_truncated: bool = False  # either response was cut
+
+    @property
+    def length(self) -> int:
+        """Sequence length of the longer of the two rows (what a batch pads to)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+def _check_limits(layout: TokenLayout, max_prompt_length: int, max_response_length: int) -> None:
+    if max_prompt_length < len(layout.prefix) + 1:
+        raise ValueError(f"max_prompt_length={max_prompt_length} leaves no room for a prompt token after "
+                         f"the {len(layout.prefix)} leading special token(s); use a larger value")
+    if max_response_length < 1:
+        raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
+
+
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Plain token ids of each text (one batched call: the Rust tokenizer does the loop)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def encode_prompts(tokenizer: Any, texts: Sequence[str], max_prompt_length: int) -> list[tuple[tuple[int, ...], bool]]:
+    """``(ids, truncated)`` per prompt: leading special tokens once, then the text, cut from the left."""
+    layout = token_layout(tokenizer)
+    _check_limits(layout, max_prompt_length, 1)
+    pre = list(layout.prefix)
+    room = max_prompt_length - len(pre)
+    out = []
+    for body in _encode(tokenizer, texts):
+        if pre and body[: len(pre)] == pre:  # already rendered into the text (chat template)
+            body = body[len(pre):]
+        truncated = len(body) > room
+        if truncated:
+            body = body[-room:]
+        out.append((tuple(pre + body), truncated))
+    return out
+
+
+def encode_responses(tokenizer: Any, texts: Sequence[str],
+                     max_response_length: int) -> list[tuple[tuple[int, ...], bool]]:
+    """``(ids, truncated)`` per response: the text, EOS, cut on the right to ``max_response_length``."""
+    layout = token_layout(tokenizer)
+    _check_limits(layout, len(layout.prefix) + 1, max_response_length)
+    out = []
+    for body in _encode(tokenizer, texts):
+        if body and body[-1] == layout.eos_id:  # the text spelled EOS out: do not add a second one
+            body = body[:-1]
+        ids = body + [layout.eos_id]
+        out.append((tuple(ids[:max_response_length]), len(ids) > max_response_length))
+    return out
+
+
+def tokenize_examples(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_prompt_length: int,
+                      max_response_length: int) -> list[TokenizedExample]:
+    """The one tokenisation of (prompt, response) rows (module docstring has the rules)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    ps = encode_prompts(tokenizer, prompts, max_prompt_length)
+    rs = encode_responses(tokenizer, responses, max_response_length)
+    return [TokenizedExample(p, r, pt, rt) for (p, pt), (r, rt) in zip(ps, rs)]
+
+
+def tokenize_example(tokenizer: Any, prompt: str, response: str, max_prompt_length: int,
+                     max_response_length: int) -> TokenizedExample:
+    """:func:`tokenize_examples` for one row."""
+    return tokenize_examples(tokenizer, [prompt], [response], max_prompt_length, max_response_length)[0]
+
+
+def tokenize_pairs(tokenizer: Any, records: Sequence[PreferenceRecord], max_prompt_length: int,
+                   max_response_length: int) -> list[TokenizedPair]:
+    """Preference pairs: one prompt encoding shared by chosen and rejected, both responses
+    through the same encoder as every other response."""
+    ps = encode_prompts(tokenizer, [r.prompt for r in records], max_prompt_length)
+    cs = encode_responses(tokenizer, [r.chosen for r in records], max_response_length)
+    rs = encode_responses(tokenizer, [r.rejected for r in records], max_response_length)
+    out = []
+    for rec, (p, pt), (c, ct), (r, rt) in zip(records, ps, cs, rs):
+        if c == r:
+            raise DataFormatError(*_source_line(rec.source),
+                                  f"chosen and rejected are identical after truncation to "
+                                  f"max_response_length={max_response_length}; raise it or drop the row", "rejected")
+        out.append(TokenizedPair(rec.id, p, c, r, pt, ct or rt))
+    return out
+
+
+def tokenize_pair(tokenizer: Any, record: PreferenceRecord, max_prompt_length: int,
+                  max_response_length: int) -> TokenizedPair:
+    """:func:`tokenize_pairs` for one record."""
+    return tokenize_pairs(tokenizer, [record], max_prompt_length, max_response_length)[0]
+
+
+def tokenize_sfts(tokenizer: Any, records: Sequence[SFTRecord], max_prompt_length: int,
+                  max_response_length: int) -> list[TokenizedExample]:
+    """SFT rows; pre-tokenised rows (``prompt_ids``/``response_ids``) are used exactly as given."""
+    texts = [r for r in records if r.prompt_ids is None]
+    encoded = iter(tokenize_examples(tokenizer, [r.prompt for r in texts], [r.response for r in texts],
+                                     max_prompt_length, max_response_length) if texts else [])
+    vocab = len(tokenizer)
+    out = []
+    for rec in records:
+        if rec.prompt_ids is None:
+            out.append(next(encoded))
+            continue
+        for field, ids in (("prompt_ids", rec.prompt_ids), ("response_ids", rec.response_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise DataFormatError(*_source_line(rec.source),
+                                      f"token id {bad[0]} is outside the tokenizer's vocabulary of {vocab}", field)
+        out.append(TokenizedExample(tuple(rec.prompt_ids), tuple(rec.response_ids)))
+    return out
+
+
+def tokenize_sft(tokenizer: Any, record: SFTRecord, max_prompt_length: int,
+                 max_response_length: int) -> TokenizedExample:
+    """:func:`tokenize_sfts` for one record."""
+    return tokenize_sfts(tokenizer, [record], max_prompt_length, max_response_length)[0]
+
+
+def tokenize_prompts(tokenizer: Any, prompts: Sequence["str | PromptRecord"],
+                     max_prompt_length: int) -> list[tuple[int, ...]]:
+    """Prompt ids for generation: the prompt half of :func:`tokenize_examples`."""
+    texts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
+    return [ids for ids, _ in encode_prompts(tokenizer, texts, max_prompt_length)]
+
+
+def tokenize_prompt(tokenizer: Any, prompt: "str | PromptRecord", max_prompt_length: int) -> tuple[int, ...]:
+    return tokenize_prompts(tokenizer, [prompt], max_prompt_length)[0]
+
+
+def decode_response(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of generated response ids, up to (not including) the first EOS."""
+    eos = token_layout(tokenizer).eos_id
+    ids = list(ids)
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _source_line(source: str) -> tuple[str, Optional[int]]:
+    path, _, line = source.rpartition(":")
+    return (path, int(line)) if line.isdigit() else (source, None)

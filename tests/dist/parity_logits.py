@@ -1,0 +1,54 @@
+"""Logits of our megatron-core model vs transformers, for every tiny variant.
+
+torchrun --nproc-per-node N tests/dist/parity_logits.py --tp T --pp P --out result.json
+"""
+
+import argparse
+import json
+
+import torch
+
+from fg_megatron import parallel
+from fg_megatron.checkpoint.mapping import megatron_from_hf, stage_shards
+from fg_megatron.logprobs import full_logits
+from fg_megatron.models import arch_from_hf_config, family_module
+from fg_megatron.models.gpt import build_gpt_model, padded_vocab_size
+from fg_megatron.schedule import position_ids_like, run_microbatches
+from tiny_models import VARIANTS, hf_model
+
+p = argparse.ArgumentParser()
+p.add_argument("--tp", type=int, default=1)
+p.add_argument("--pp", type=int, default=1)
+p.add_argument("--out", required=True)
+args = p.parse_args()
+
+ctx = parallel.initialize(args.tp, args.pp, seed=1)
+results = {}
+for name in VARIANTS:
+    hf = hf_model(name)
+    arch = arch_from_hf_config(hf.config.to_dict())
+    adapter = family_module(arch.family).state_dict_adapter(arch)
+    full = megatron_from_hf(adapter, hf.state_dict().get)
+    model = build_gpt_model(arch, tp=args.tp, pp=args.pp, pp_rank=ctx.pp_rank)
+    shards = dict(stage_shards(full, adapter, tp=args.tp, tp_rank=ctx.tp_rank, pp=args.pp,
+                               pp_rank=ctx.pp_rank, padded_vocab=padded_vocab_size(arch.vocab_size, args.tp)))
+    model.load_state_dict(shards, strict=False)
+    missing = [k for k in model.state_dict() if k not in shards and not k.endswith("_extra_state")]
+    assert not missing, missing
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, arch.vocab_size, (3, 21), generator=g)  # longer than the Mistral window
+    with torch.no_grad():
+        ref = hf(ids).logits
+    mbs = [{"input_ids": ids[i:i + 1], "position_ids": position_ids_like(ids[i:i + 1])} for i in range(3)]
+    out = run_microbatches(
+        model, mbs, lambda head, b: (torch.zeros(()), {"logits": full_logits(head, ctx.tp_group)}),
+        forward_only=True)
+    if ctx.is_last_stage:
+        logits = torch.cat([o["logits"] for o in out])
+        results[name] = {"max_abs_diff": (logits - ref).abs().max().item(),
+                         "shape": list(logits.shape), "ref_shape": list(ref.shape),
+                         "ref_std": ref.std().item()}
+if ctx.is_last_stage and ctx.tp_rank == 0:
+    with open(args.out, "w") as f:
+        json.dump(results, f)
+parallel.shutdown()
