@@ -375,3 +375,27 @@ def test_bad_arguments_raise_one_line_errors(call, match):
     with pytest.raises(LossArgumentError, match=match) as info:
         call()
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+
+
+def test_ipo_uses_per_token_means_like_trl():
+    """TRL's IPO works on length-averaged log-probs; gate and CE keep the sums."""
+    import torch
+
+    from fg_megatron.losses import preference_loss
+
+    pc = torch.tensor([-10.0, -6.0], dtype=torch.float64)
+    pr = torch.tensor([-12.0, -4.0], dtype=torch.float64)
+    rc = torch.tensor([-11.0, -5.0], dtype=torch.float64)
+    rr = torch.tensor([-11.0, -5.0], dtype=torch.float64)
+    nc = torch.tensor([5, 3])
+    nr = torch.tensor([4, 2])
+    beta = 0.1
+    out = preference_loss(pc, pr, rc, rr, nc, beta=beta, constraint="flipguard", gamma=0.5, epsilon=0.0,
+                          loss_type="ipo", rejected_token_counts=nr)
+    # TRL: logits = (pc/nc - rc/nc) - (pr/nr - rr/nr); loss = (logits - 1/(2*beta))**2
+    logits = (pc / nc - rc / nc) - (pr / nr - rr / nr)
+    expected_dpo = (logits - 1 / (2 * beta)) ** 2
+    assert torch.allclose(out.dpo_losses, expected_dpo, atol=1e-12)
+    # gate on sums: sample 0: -11 - (-10) = -1 (not gated); sample 1: -5 - (-6) = 1 > 0 (gated)
+    assert out.gate.tolist() == [0.0, 1.0]
+    assert torch.allclose(out.ce_losses, torch.tensor([0.0, -0.5 * -6.0], dtype=torch.float64))

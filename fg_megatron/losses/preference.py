@@ -76,7 +76,8 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                     constraint: Constraint, gamma: float, epsilon: float,
                     loss_type: DPOLossType = "sigmoid", label_smoothing: float = 0.0,
                     ce_reduction: CEReduction = "sum",
-                    num_samples: Optional[float] = None) -> PreferenceLossOutput:
+                    num_samples: Optional[float] = None,
+                    rejected_token_counts: Optional[Tensor] = None) -> PreferenceLossOutput:
     """DPO (+ FlipGuard / KD) loss for a batch of ``[B]`` sequence log-likelihoods.
 
     ``L_i = dpo_loss_i + constraint_ce_i`` where the gate is ``constraint_gate``
@@ -85,6 +86,8 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     needed for ``ce_reduction="mean"`` only. ``loss = sum_i L_i / num_samples``
     (default ``num_samples = B``: the plain mean); see the module docstring for
     the value that gives exact global-batch means under micro-batching.
+    With ``loss_type="ipo"`` and both token counts given, the IPO term uses
+    per-token average log-likelihoods as TRL does.
     """
     fn = "preference_loss"
     check_per_sample(fn, policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
@@ -97,9 +100,15 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     if not num_samples > 0:
         raise LossArgumentError(f"{fn}: num_samples must be > 0 (got {num_samples})")
 
+    dpo_inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if loss_type == "ipo" and chosen_token_counts is not None and rejected_token_counts is not None:
+        # TRL's IPO compares per-token average log-likelihoods; the gate and the CE
+        # term below keep the sequence sums of eq. 9 / 12.
+        nc, nr = chosen_token_counts.to(policy_chosen_logps.dtype), rejected_token_counts.to(policy_chosen_logps.dtype)
+        dpo_inputs = (policy_chosen_logps / nc, policy_rejected_logps / nr, ref_chosen_logps / nc,
+                      ref_rejected_logps / nr)
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        *dpo_inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
     gate = constraint_gate(constraint, policy_chosen_logps, ref_chosen_logps, epsilon)
     if constraint == "none":
         # Nothing is added, not even 0 * logp: the loss is bit-identical to plain DPO.

@@ -89,12 +89,17 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=False)
     decay_steps = max(total_steps, 1)
+    warmup = optim.warmup_steps
+    if warmup >= decay_steps:
+        warmup = decay_steps - 1
+        log.info("optim.warmup_steps=%d >= train.steps=%d: warming up for %d steps", optim.warmup_steps,
+                 total_steps, warmup)
     scheduler = OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
+        init_lr=0.0 if warmup > 0 else optim.lr,
         max_lr=optim.lr,
         min_lr=optim.min_lr if optim.lr_schedule != "constant" else optim.lr,
-        lr_warmup_steps=optim.warmup_steps,
+        lr_warmup_steps=warmup,
         lr_decay_steps=decay_steps,
         lr_decay_style=optim.lr_schedule,
         start_wd=optim.weight_decay,

@@ -1,0 +1,84 @@
+"""Sequence log-likelihood of responses given prompts, under any TP x PP x DP layout.
+
+    torchrun --nproc-per-node 2 tools/score.py --load MODEL --tp 2 --data in.jsonl --out out.jsonl
+
+Each output row is the input row plus ``logp`` (sum over response tokens of
+``log p(token | prefix)``) and ``n_tokens``.  Text rows are tokenised exactly
+as training does (BOS before the prompt, EOS after the response);
+``prompt_ids``/``response_ids`` rows are scored exactly as given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fg_megatron import parallel
+from fg_megatron.checkpoint.load import load_model
+from fg_megatron.checkpoint.tokenizer import load_tokenizer
+from fg_megatron.data import SFTDataset
+from fg_megatron.data.readers import read_rows
+from fg_megatron.logprobs import sequence_logprobs, token_logprobs
+from fg_megatron.parallel import get_logger
+from fg_megatron.schedule import run_microbatches
+from fg_megatron.trainers.engine import model_dtype
+
+log = get_logger("score")
+
+
+def score_file(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, batch_size: int = 8,
+               logprob_impl: str = "auto", dtype: str = "float32", seed: int = 1234,
+               micro_batches_per_call: int = 16) -> Optional[list[dict]]:
+    """Score every row of ``data`` and write ``out`` (rank 0); returns the rows on rank 0."""
+    ctx = parallel.initialize(tp, pp, seed=seed)
+    model, arch, _ = load_model(load, ctx, dtype=model_dtype(dtype))
+    model.eval()
+    tokenizer = load_tokenizer(load)  # pads batches; tokenises text rows
+    limit = arch.max_position_embeddings
+    dataset = SFTDataset.from_file(data, tokenizer, limit, limit, format="sft")
+    rows = {line: row for line, row in read_rows(data)}
+    order = sorted(range(len(dataset)), key=lambda i: dataset[i].length)  # little padding per batch
+    mine = order[ctx.dp_rank::ctx.dp]
+    batches = [dataset.collate(mine[i:i + batch_size], pad_multiple=1) for i in range(0, len(mine), batch_size)]
+    too_long = [b for b in batches if b["input_ids"].shape[1] > limit]
+    if too_long:
+        raise ValueError(f"{data}: a row has {too_long[0]['input_ids'].shape[1]} tokens, more than the model's "
+                         f"max_position_embeddings={limit}")
+
+    def head(head, batch):
+        logp = token_logprobs(head, batch["targets"], batch["loss_mask"], tp_group=ctx.tp_group,
+                              impl=logprob_impl)
+        seq = sequence_logprobs(logp, batch["loss_mask"])
+        return torch.zeros(()), {"idx": batch["sample_idx"].tolist(), "logp": seq.double().tolist(),
+                                 "n_tokens": batch["loss_mask"].sum(-1).long().tolist()}
+
+    results: list[tuple[int, float, int]] = []
+    for start in range(0, len(batches), micro_batches_per_call):
+        chunk = batches[start:start + micro_batches_per_call]
+        for stats in run_microbatches(model, chunk, head, forward_only=True):
+            results.extend(zip(stats["idx"], stats["logp"], stats["n_tokens"]))
+        log.info("scored %d/%d batches", min(start + micro_batches_per_call, len(batches)), len(batches))
+    owner = ctx.is_last_stage and ctx.tp_rank == 0
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results if owner else [])
+    output = None
+    if ctx.is_main:
+        by_idx = {i: (lp, n) for part in gathered for i, lp, n in (part or [])}
+        output = []
+        for i, record in enumerate(dataset.records):
+            line = int(record.source.rsplit(":", 1)[1])
+            lp, n = by_idx[i]
+            output.append({**rows[line], "logp": lp, "n_tokens": n})
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out).with_name(Path(out).name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in output:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+        log.info("wrote %d rows to %s", len(output), out)
+    parallel.shutdown()
+    return output

@@ -1,0 +1,160 @@
+"""Training checkpoints: save every N steps and at the end, resume exactly.
+
+Layout of ``SAVE/checkpoints/``::
+
+    latest                       name of the newest complete checkpoint
+    step_000040/
+        model/                   an fg checkpoint (``convert_checkpoint.py fg-to-hf`` exports it)
+        optim_tp00_pp00_dp00.*   optimizer state of each rank that owns one
+        rng_rank00000.*          RNG states of each rank
+        trainer_state.json       step, data position, scheduler, consumed samples
+
+A checkpoint is written into ``.step_000040.tmp`` and renamed when every rank
+has finished; ``latest`` is replaced atomically afterwards.  A run killed while
+saving leaves ``latest`` pointing at the previous checkpoint, which stays
+loadable; leftover ``.tmp`` directories are removed by the next save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fg_megatron import platform
+from fg_megatron.checkpoint.layout import FgCheckpoint
+from fg_megatron.checkpoint.load import load_stage_state, save_model
+from fg_megatron.checkpoint.mapping import CheckpointMismatchError
+from fg_megatron.checkpoint.state_io import load_state, save_state
+from fg_megatron.parallel import ParallelContext, get_logger
+from fg_megatron.trainers.engine import Engine
+
+log = get_logger("checkpoint")
+
+LATEST = "latest"
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if platform.cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and platform.cuda_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: ``FG_FAULT=name:step`` kills the process here (as a SIGKILL would)."""
+    if os.environ.get("FG_FAULT") == f"{name}:{step}":
+        os._exit(137)
+
+
+def save_checkpoint(engine: Engine, model_meta, arch, save_dir: Path, step: int,
+                    trainer_state: dict, keep_last: int = 2) -> Path:
+    """Write a complete checkpoint of step ``step``; call on every rank."""
+    ctx = engine.ctx
+    root = Path(save_dir) / "checkpoints"
+    final = root / _step_name(step)
+    tmp = root / f".{_step_name(step)}.tmp"
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    save_model(engine.module, arch, model_meta, tmp / "model", ctx,
+               extra={"step": step, "trainer": trainer_state.get("trainer")})
+    _fault_point("save", step)
+    rank_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp{ctx.dp_rank:02d}"
+    if ctx.dp_rank == 0 or engine.model.ddp_config.use_distributed_optimizer:
+        save_state(engine.optimizer.state_dict(), tmp / f"optim_{rank_tag}")
+    save_state(rng_state(), tmp / f"rng_rank{ctx.rank:05d}")
+    if ctx.is_main:
+        state = dict(trainer_state, step=step, scheduler=engine.scheduler.state_dict(),
+                     layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size})
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    _barrier()
+    if ctx.is_main:
+        os.rename(tmp, final)
+        pointer = root / f".{LATEST}.tmp"
+        pointer.write_text(_step_name(step), encoding="utf-8")
+        os.replace(pointer, root / LATEST)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(save_dir: Path) -> Optional[Path]:
+    pointer = Path(save_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointMismatchError(f"{pointer}: points to {path.name}, which is not a complete checkpoint")
+    return path
+
+
+def load_checkpoint(engine: Engine, path: Path) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``path``; return the trainer state."""
+    ctx = engine.ctx
+    path = Path(path)
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    layout = state.get("layout", {})
+    if (layout.get("tp"), layout.get("pp"), layout.get("dp")) != (ctx.tp, ctx.pp, ctx.dp):
+        raise CheckpointMismatchError(
+            f"{path}: saved with tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')}, "
+            f"resuming with tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}; resume with the same layout "
+            f"(or start a new run from {path / 'model'} resharded with convert_checkpoint.py reshard)")
+    ckpt = FgCheckpoint(path / "model")
+    names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
+    load_stage_state(engine.module, ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names),
+                     str(path / "model"))
+    rank_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp{ctx.dp_rank:02d}"
+    optim_file = path / f"optim_{rank_tag}"
+    if not optim_file.with_suffix(".json").is_file():  # replicated optimizer: DP replica 0's copy
+        optim_file = path / f"optim_tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp00"
+    engine.optimizer.load_state_dict(load_state(optim_file))
+    engine.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(load_state(path / f"rng_rank{ctx.rank:05d}"))
+    return state

@@ -1,0 +1,84 @@
+"""tools/score.py: sums of response log-probs equal transformers' (relative 1e-5, fp32)
+for text and pre-tokenised rows, at TP=1, TP=2 and PP=2, for every logprob impl."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import ROOT, torchrun
+
+TOKENIZER = ROOT / "assets/tiny/tokenizer"
+
+
+@pytest.fixture(scope="module")
+def scoring_setup(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fg_megatron.data.tokenize import tokenize_example
+
+    tmp = tmp_path_factory.mktemp("score")
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    model_dir = tmp / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)
+    rows = [
+        {"prompt": "\n\nHuman: What is 3 plus 4?\n\nAssistant:", "response": " 7"},
+        {"prompt": "\n\nHuman: Reverse the word cat.\n\nAssistant:", "response": " tac", "id": "x"},
+        {"prompt_ids": [5, 17, 300, 2], "response_ids": [40, 41, 42, 43, 44]},
+        {"prompt": "\n\nHuman: 你好\n\nAssistant:", "response": " I cannot help with that."},
+        {"prompt_ids": [9], "response_ids": [1000]},
+    ]
+    data = tmp / "in.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    expected = []
+    for r in rows:
+        if "prompt_ids" in r:
+            p, resp = r["prompt_ids"], r["response_ids"]
+        else:
+            ex = tokenize_example(tok, r["prompt"], r["response"], 128, 128)
+            p, resp = list(ex.prompt_ids), list(ex.response_ids)
+        ids = torch.tensor([p + resp])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits.double(), dim=-1)[0]
+        targets = ids[0, len(p):]
+        expected.append((logp[len(p) - 1:-1].gather(1, targets[:, None]).sum().item(), len(resp)))
+    return model_dir, data, rows, expected
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp,impl", [(1, 1, "torch"), (2, 1, "torch"), (2, 1, "triton"), (1, 2, "megatron")])
+def test_score_matches_transformers(scoring_setup, tmp_path, tp, pp, impl):
+    model_dir, data, rows, expected = scoring_setup
+    out = tmp_path / "out.jsonl"
+    torchrun(ROOT / "tools/score.py", tp * pp, "--load", model_dir, "--data", data, "--out", out,
+             "--tp", str(tp), "--pp", str(pp), "--batch-size", "2", "--logprob-impl", impl)
+    got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(got) == len(rows)
+    for row, g, (logp, n) in zip(rows, got, expected):
+        assert {k: g[k] for k in row} == row  # the input row is carried through, in order
+        assert g["n_tokens"] == n
+        assert g["logp"] < 0
+        assert math.isclose(g["logp"], logp, rel_tol=1e-5), (row, g["logp"], logp)
+
+
+def test_score_rejects_token_outside_vocabulary(scoring_setup, tmp_path):
+    model_dir, _, _, _ = scoring_setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [99999]}) + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/score.py"), "--load", str(model_dir), "--data",
+                           str(bad), "--out", str(tmp_path / "o.jsonl")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "bad.jsonl:1" in last and "99999" in last, proc.stderr[-2000:]
+    assert not (tmp_path / "o.jsonl").exists()

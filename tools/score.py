@@ -1,0 +1,27 @@
+"""Sequence log-likelihood of responses given prompts.
+
+    torchrun --nproc-per-node N tools/score.py --load PATH --tp T --pp P --data IN.jsonl --out OUT.jsonl
+
+PATH is an HF directory or an fg checkpoint.  Rows are {"prompt", "response"}
+strings or pre-tokenised {"prompt_ids", "response_ids"} (scored exactly as
+given); each output row adds "logp" and "n_tokens".
+"""
+
+import argparse
+
+from fg_megatron.eval.score import score_file
+from fg_megatron.trainers.errors import run_cli
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="HF directory or fg checkpoint")
+    p.add_argument("--data", required=True, help="JSONL (or parquet) rows to score")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward per DP rank")
+    p.add_argument("--logprob-impl", default="auto", choices=["auto", "triton", "torch", "megatron"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    a = p.parse_args()
+    run_cli(lambda: score_file(a.load, a.data, a.out, tp=a.tp, pp=a.pp, batch_size=a.batch_size,
+                               logprob_impl=a.logprob_impl, dtype=a.dtype))
