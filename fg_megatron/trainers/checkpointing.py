@@ -75,7 +75,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fault_point(name: str, step: int) -> None:
+def fault_point(name: str, step: int) -> None:
     """Test hook: ``FG_FAULT=name:step`` kills the process here (as a SIGKILL would)."""
     if os.environ.get("FG_FAULT") == f"{name}:{step}":
         os._exit(137)
@@ -97,7 +97,7 @@ def save_checkpoint(engine: Engine, model_meta, arch, save_dir: Path, step: int,
     _barrier()
     save_model(engine.module, arch, model_meta, tmp / "model", ctx,
                extra={"step": step, "trainer": trainer_state.get("trainer")})
-    _fault_point("save", step)
+    fault_point("save", step)
     rank_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp{ctx.dp_rank:02d}"
     if ctx.dp_rank == 0 or engine.model.ddp_config.use_distributed_optimizer:
         save_state(engine.optimizer.state_dict(), tmp / f"optim_{rank_tag}")

@@ -23,7 +23,8 @@ from fg_megatron.checkpoint.tokenizer import load_tokenizer
 from fg_megatron.config import save_config
 from fg_megatron.parallel import ParallelContext, get_logger
 from fg_megatron.schedule import Batch, HeadFn
-from fg_megatron.trainers.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from fg_megatron.trainers.checkpointing import (fault_point, latest_checkpoint, load_checkpoint,
+                                                save_checkpoint)
 from fg_megatron.trainers.engine import Engine, build_engine, model_dtype, train_step
 from fg_megatron.trainers.metrics import MetricsWriter, summary_table
 
@@ -138,6 +139,7 @@ def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
             if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save_checkpoint(engine, run.meta, run.arch, run.save_dir, step,
                                 {"task": task.state_dict(), "trainer": task.name}, cfg.train.keep_last)
+            fault_point("step", step)
     finally:
         writer.close()
     if ctx.is_main and history:

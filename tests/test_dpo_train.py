@@ -1,0 +1,134 @@
+"""The DPO trainer end to end on the bundled tiny model and data (torchrun, gloo):
+step-0 identities, layout invariance, KD offset, kill-and-resume, kill during a save,
+bad input errors."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from dist_utils import ROOT, torchrun
+
+TRAIN = ROOT / "tools/train_dpo.py"
+BASE = ["--steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--set", "train.log_every=1",
+        "--set", "optim.warmup_steps=0", "--set", "train.tensorboard=false"]
+
+
+def _metrics(save):
+    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(save, nproc, *args, env=None, check=True):
+    return torchrun(TRAIN, nproc, *BASE, "--save", save, *args, env=env, check=check)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    save = tmp_path_factory.mktemp("dpo") / "tp1"
+    _run(save, 1, "--tp", "1")
+    return _metrics(save)
+
+
+@pytest.mark.distributed
+def test_step0_identities(reference_run):
+    m0 = reference_run[0]
+    assert m0["rewards_chosen"] == 0.0 and m0["rewards_rejected"] == 0.0  # policy == reference, bitwise
+    assert abs(m0["dpo_loss"] - math.log(2)) <= 1e-6
+    assert m0["gate_rate"] == 0.0  # epsilon 0 and strict '>'
+    assert m0["ce_loss"] == 0.0 and abs(m0["loss"] - math.log(2)) <= 1e-6
+    assert m0["logps_chosen"] < 0
+    for key in ("loss", "dpo_loss", "ce_loss", "gate_rate", "rewards_chosen", "rewards_rejected",
+                "reward_margin", "reward_accuracy", "lr", "grad_norm", "tokens_per_second"):
+        assert all(key in m and math.isfinite(m[key]) for m in reference_run), key
+    assert reference_run[-1]["loss"] != reference_run[0]["loss"]  # it trains
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_same_losses_for_every_layout(reference_run, tmp_path, layout):
+    args = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "dp2": []}[layout]
+    _run(tmp_path / layout, 2, *args)
+    got = _metrics(tmp_path / layout)
+    assert len(got) == 3
+    for a, b in zip(reference_run, got):
+        for key in ("loss", "dpo_loss", "ce_loss", "gate_rate", "reward_margin"):
+            assert abs(a[key] - b[key]) <= 1e-5, (layout, key, a[key], b[key])
+
+
+@pytest.mark.distributed
+def test_kd_step0_offset(tmp_path):
+    gamma = 0.05
+    _run(tmp_path / "kd", 1, "--steps", "1", "--constraint", "kd", "--gamma", str(gamma))
+    m0 = _metrics(tmp_path / "kd")[0]
+    assert m0["gate_rate"] == 1.0
+    # loss - ln 2 = -gamma * mean(logp_chosen)
+    assert abs((m0["loss"] - math.log(2)) - (-gamma * m0["logps_chosen"])) <= 1e-6
+    assert m0["ce_loss"] > 0
+
+
+@pytest.mark.distributed
+def test_kill_and_resume_reproduces_losses(tmp_path):
+    args = ["--tp", "2", "--steps", "6", "--save-every", "2"]
+    _run(tmp_path / "full", 2, *args)
+    full = _metrics(tmp_path / "full")
+    killed = tmp_path / "killed"
+    # killed right after step 3 (last checkpoint: step 2) ...
+    proc = _run(killed, 2, *args, env={"FG_FAULT": "step:3"}, check=False)
+    assert proc.returncode != 0
+    assert (killed / "checkpoints/latest").read_text() == "step_000002"
+    # ... then killed in the middle of saving step 4: the step-2 checkpoint stays the latest
+    proc = _run(killed, 2, *args, "--resume", env={"FG_FAULT": "save:4"}, check=False)
+    assert proc.returncode != 0
+    assert (killed / "checkpoints/latest").read_text() == "step_000002"
+    assert not (killed / "checkpoints/step_000004").exists()
+    _run(killed, 2, *args, "--resume")
+    resumed = _metrics(killed)
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    for a, b in zip(full, resumed):
+        for key in ("loss", "dpo_loss", "gate_rate", "reward_margin", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-6, (a["step"], key, a[key], b[key])
+    # the final checkpoint exports to an HF model that transformers loads
+    from transformers import AutoModelForCausalLM
+
+    from fg_megatron.checkpoint.convert import fg_to_hf
+
+    fg_to_hf(killed / "checkpoints/step_000006/model", tmp_path / "hf")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+
+
+def _cli_error(args, tmp_path):
+    proc = subprocess.run([sys.executable, str(TRAIN), *BASE, "--save", str(tmp_path / "s"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_malformed_row_is_one_line_error_before_training(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = {"prompt": "Q?", "chosen": " a", "rejected": " b"}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": None}) + "\n")
+    line = _cli_error(["--data", str(bad)], tmp_path)
+    assert line.startswith("error: ") and "bad.jsonl:2" in line and "chosen" in line
+    assert not (tmp_path / "s/metrics.jsonl").exists()
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+    line = _cli_error(["--set", "dpo.gama=0.1"], tmp_path)
+    assert line.startswith("error: ") and "gama" in line
+    line = _cli_error(["--load", str(tmp_path / "missing")], tmp_path)
+    assert line.startswith("error: ") and "missing" in line
+
+
+@pytest.mark.distributed
+def test_nan_loss_stops_without_damaging_checkpoints(tmp_path):
+    save = tmp_path / "nan"
+    proc = _run(save, 1, "--steps", "4", "--save-every", "1", "--lr", "1e30", check=False)
+    assert proc.returncode != 0  # torchrun reports the rank's exit status 2 as 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert errors and "gradient norm is nan" in errors[0].lower(), proc.stderr[-3000:]
+    latest = (save / "checkpoints/latest").read_text()
+    from fg_megatron.checkpoint.layout import FgCheckpoint
+
+    FgCheckpoint(save / "checkpoints" / latest / "model")  # still a valid checkpoint
