@@ -1,0 +1,11 @@
+"""Checkpoints: HF <-> fg conversion, TP/PP resharding, model save/load.
+
+    mapping         tensor-level HF <-> megatron names <-> per-rank shards
+    safetensors_io  lazy safetensors reads, streamed writes (one tensor at a time)
+    hf              HF directories: config.json, weights (never unpickled), side files
+    layout          the fg checkpoint on disk: metadata, shard files, validation
+    atomic          temp-dir-and-rename outputs
+    convert         hf_to_fg, fg_to_hf, reshard (streamed)
+    load            load_model / save_model for live megatron-core models
+    tokenizer       load_tokenizer
+"""

@@ -20,16 +20,24 @@ class CheckpointMismatchError(ValueError):
 
 def megatron_from_hf(adapter: StateDictAdapter, get_hf: Callable[[str], Optional[Tensor]],
                      layers: Optional[Sequence[int]] = None,
-                     include_globals: bool = True) -> Iterator[tuple[str, Tensor]]:
-    """Full megatron tensors from HF tensors; ``get_hf`` returns None for absent keys."""
+                     include_globals: bool = True,
+                     keep: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, Tensor]]:
+    """Full megatron tensors from HF tensors; ``get_hf`` returns None for absent keys.
+
+    ``keep(name)`` False skips a megatron tensor before any of its HF tensors is read.
+    """
     for name, hf_names, keymap in adapter.entries(layers, include_globals):
+        if keep is not None and not keep(name):
+            continue
         tensors = [get_hf(h) for h in hf_names]
         missing = [h for h, t in zip(hf_names, tensors) if t is None]
         if missing:
             if keymap.optional and len(missing) == len(hf_names):
                 continue
             raise CheckpointMismatchError(f"HF checkpoint is missing tensor {missing[0]!r}")
-        yield name, keymap.fuse(tensors, adapter.arch)
+        full = keymap.fuse(tensors, adapter.arch)
+        del tensors  # the inputs need not outlive the fused tensor while the caller holds it
+        yield name, full
 
 
 def hf_from_megatron(adapter: StateDictAdapter, get_full: Callable[[str], Optional[Tensor]],

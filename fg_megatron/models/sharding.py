@@ -58,7 +58,9 @@ def shard(name: str, full: Tensor, tp: int, tp_rank: int, padded_vocab: Optional
     if kind == "vocab":
         if padded_vocab is None:
             raise ValueError(f"{name}: padded vocabulary size needed to shard")
-        return torch.chunk(pad_vocab(full, padded_vocab), tp, dim=0)[tp_rank].contiguous()
+        # This rank's rows of the padded tensor, without padding the whole tensor first.
+        rows = padded_vocab // tp
+        return pad_vocab(full[tp_rank * rows:(tp_rank + 1) * rows], rows).contiguous()
     if kind == "col":
         return torch.chunk(full, tp, dim=0)[tp_rank].contiguous()
     if kind == "row":

@@ -1,0 +1,84 @@
+"""Convert checkpoints between HF and fg_megatron layouts, streaming tensor by tensor.
+
+    python tools/convert_checkpoint.py hf-to-fg --hf DIR --out CKPT --tp T --pp P
+    python tools/convert_checkpoint.py fg-to-hf --ckpt CKPT --out DIR
+    python tools/convert_checkpoint.py reshard --ckpt CKPT --out CKPT2 --tp T --pp P
+
+Every sub-command also takes ``--dtype {float32,bfloat16,float16}`` (default:
+keep the checkpoint's) and ``--force`` (replace a non-empty output directory).
+Outputs are written to a temporary directory and renamed into place when
+complete.  The family comes from the HF ``config.json`` (``model_type``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from fg_megatron.checkpoint import convert  # noqa: E402
+from fg_megatron.checkpoint.atomic import OutputExistsError  # noqa: E402
+from fg_megatron.checkpoint.layout import DTYPE_NAMES  # noqa: E402
+from fg_megatron.checkpoint.mapping import CheckpointMismatchError  # noqa: E402
+from fg_megatron.models.arch import ModelConfigError  # noqa: E402
+from fg_megatron.parallel import ParallelLayoutError  # noqa: E402
+
+USER_ERRORS = (CheckpointMismatchError, ModelConfigError, ParallelLayoutError, OutputExistsError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", type=Path, required=True, help="output directory (must not exist or be empty)")
+        p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="cast weights (default: keep)")
+        p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+    def layout(p: argparse.ArgumentParser, default: int | None) -> None:
+        p.add_argument("--tp", type=int, default=default, required=default is None, help="tensor-parallel size")
+        p.add_argument("--pp", type=int, default=default, required=default is None, help="pipeline-parallel size")
+        p.add_argument("--vocab-pad-multiple", type=int, default=None,
+                       help="pad the vocabulary to a multiple of this x TP (default 128, or the checkpoint's)")
+
+    p = sub.add_parser("hf-to-fg", help="HF directory -> fg checkpoint")
+    p.add_argument("--hf", type=Path, required=True, help="HF model directory (config.json + safetensors)")
+    common(p)
+    layout(p, 1)
+    p = sub.add_parser("fg-to-hf", help="fg checkpoint -> HF directory")
+    p.add_argument("--ckpt", type=Path, required=True)
+    common(p)
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest HF weight file")
+    p = sub.add_parser("reshard", help="fg checkpoint -> fg checkpoint for another TP x PP layout")
+    p.add_argument("--ckpt", type=Path, required=True)
+    common(p)
+    layout(p, None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
+    start = time.perf_counter()
+    try:
+        if args.command == "hf-to-fg":
+            convert.hf_to_fg(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
+                             vocab_pad_multiple=args.vocab_pad_multiple or convert.DEFAULT_VOCAB_PAD_MULTIPLE)
+        elif args.command == "fg-to-hf":
+            convert.fg_to_hf(args.ckpt, args.out, dtype=dtype, force=args.force,
+                             max_shard_bytes=int(args.max_shard_size_gb * 1024**3))
+        else:
+            convert.reshard(args.ckpt, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
+                            vocab_pad_multiple=args.vocab_pad_multiple)
+    except USER_ERRORS as exc:
+        print(f"convert_checkpoint.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.command}: wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
