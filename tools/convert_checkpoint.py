@@ -1,13 +1,16 @@
 """Convert checkpoints between HF and fg_megatron layouts, streaming tensor by tensor.
 
     python tools/convert_checkpoint.py hf-to-fg --hf DIR --out CKPT --tp T --pp P
-    python tools/convert_checkpoint.py fg-to-hf --ckpt CKPT --out DIR
+    python tools/convert_checkpoint.py fg-to-hf --ckpt CKPT --out DIR [--layout chatglm]
     python tools/convert_checkpoint.py reshard --ckpt CKPT --out CKPT2 --tp T --pp P
 
 Every sub-command also takes ``--dtype {float32,bfloat16,float16}`` (default:
 keep the checkpoint's) and ``--force`` (replace a non-empty output directory).
 Outputs are written to a temporary directory and renamed into place when
-complete.  The family comes from the HF ``config.json`` (``model_type``).
+complete.  The family comes from the HF ``config.json`` (``model_type``): ``llama``,
+``mistral``, ``glm`` and original ChatGLM3 checkpoints (``chatglm``, also from sharded
+``.bin`` files).  A GLM model is exported in transformers' ``glm`` layout unless
+``--layout chatglm`` asks for the original one.
 """
 
 from __future__ import annotations
@@ -45,13 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="pad the vocabulary to a multiple of this x TP (default 128, or the checkpoint's)")
 
     p = sub.add_parser("hf-to-fg", help="HF directory -> fg checkpoint")
-    p.add_argument("--hf", type=Path, required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--hf", type=Path, required=True, help="HF model directory (config.json + safetensors; ChatGLM: or .bin)")
     common(p)
     layout(p, 1)
     p = sub.add_parser("fg-to-hf", help="fg checkpoint -> HF directory")
     p.add_argument("--ckpt", type=Path, required=True)
     common(p)
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest HF weight file")
+    p.add_argument("--layout", default=None,
+                   help="HF layout for families with several (chatglm: glm = transformers' GlmForCausalLM, "
+                        "the default; chatglm = the original ChatGLM3 checkpoint layout)")
     p = sub.add_parser("reshard", help="fg checkpoint -> fg checkpoint for another TP x PP layout")
     p.add_argument("--ckpt", type=Path, required=True)
     common(p)
@@ -69,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                              vocab_pad_multiple=args.vocab_pad_multiple or convert.DEFAULT_VOCAB_PAD_MULTIPLE)
         elif args.command == "fg-to-hf":
             convert.fg_to_hf(args.ckpt, args.out, dtype=dtype, force=args.force,
-                             max_shard_bytes=int(args.max_shard_size_gb * 1024**3))
+                             max_shard_bytes=int(args.max_shard_size_gb * 1024**3), layout=args.layout)
         else:
             convert.reshard(args.ckpt, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
                             vocab_pad_multiple=args.vocab_pad_multiple)

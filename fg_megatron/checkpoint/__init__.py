@@ -3,6 +3,7 @@
     mapping         tensor-level HF <-> megatron names <-> per-rank shards
     safetensors_io  lazy safetensors reads, streamed writes (one tensor at a time)
     hf              HF directories: config.json, weights (never unpickled), side files
+    chatglm_io      original ChatGLM .bin shards via torch.load(weights_only=True)
     layout          the fg checkpoint on disk: metadata, shard files, validation
     atomic          temp-dir-and-rename outputs
     convert         hf_to_fg, fg_to_hf, reshard (streamed)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -96,6 +97,13 @@ def check_hf_tensors(adapter: StateDictAdapter, weights: HFWeights) -> None:
             if got != shape:
                 raise CheckpointMismatchError(f"{source}: tensor {name!r} has shape {list(got)}, "
                                               f"config.json implies {list(shape)}")
+
+
+def _json_or_none(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _cast(tensor: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
@@ -191,8 +199,22 @@ def reshard(ckpt: Path, out: Path, *, tp: int, pp: int, dtype: Optional[torch.dt
     return meta
 
 
-def hf_config_for_export(meta: CheckpointMeta, arch: ModelArch, dtype: torch.dtype) -> dict:
-    config = family_module(meta.family).hf_config_from_arch(arch, meta.hf_config)
+def export_layout(meta: CheckpointMeta, layout: Optional[str]) -> Optional[str]:
+    """The HF layout to write: ``layout``, or the family's default (None for one-layout families)."""
+    layouts = getattr(family_module(meta.family), "EXPORT_LAYOUTS", ())
+    if layout is not None and layout not in layouts:
+        have = ", ".join(layouts) if layouts else "only its one HF layout"
+        raise CheckpointMismatchError(f"--layout {layout}: the {meta.family} family has {have}")
+    return layout or (layouts[0] if layouts else None)
+
+
+def hf_config_for_export(meta: CheckpointMeta, arch: ModelArch, dtype: torch.dtype,
+                         layout: Optional[str] = None) -> dict:
+    family = family_module(meta.family)
+    if layout is None:
+        config = family.hf_config_from_arch(arch, meta.hf_config)
+    else:
+        config = family.hf_config_from_arch(arch, meta.hf_config, layout)
     # transformers >= 5 writes "dtype", older versions "torch_dtype": update whichever
     # is there; add "dtype" only when the weights were cast.
     keys = [k for k in ("dtype", "torch_dtype") if k in config]
@@ -204,22 +226,31 @@ def hf_config_for_export(meta: CheckpointMeta, arch: ModelArch, dtype: torch.dty
 
 
 def fg_to_hf(ckpt: Path, out: Path, *, dtype: Optional[torch.dtype] = None, force: bool = False,
-             max_shard_bytes: Optional[int] = None) -> list[Path]:
-    """Export an fg checkpoint as an HF directory (weights, config.json, tokenizer files)."""
+             max_shard_bytes: Optional[int] = None, layout: Optional[str] = None) -> list[Path]:
+    """Export an fg checkpoint as an HF directory (weights, config.json, tokenizer files).
+
+    ``layout`` picks one of the family's HF layouts (``EXPORT_LAYOUTS``; chatglm:
+    ``glm`` by default, or ``chatglm`` for the original one)."""
     ckpt, out = Path(ckpt), Path(out)
     src = FgCheckpoint(ckpt)
     out_dtype = dtype or src.meta.torch_dtype
+    layout = export_layout(src.meta, layout)
+    adapter = src.adapter if layout is None else family_module(src.meta.family).state_dict_adapter(src.arch, layout)
 
     def hf_tensors(planning: bool) -> Iterator[tuple[str, Tensor]]:
         get = src.full_meta if planning else src.full_tensor
-        for name, tensor in hf_from_megatron(src.adapter, get):
+        for name, tensor in hf_from_megatron(adapter, get):
             yield name, _cast(tensor, out_dtype)
 
     specs = [TensorSpec.of(name, t) for name, t in hf_tensors(True)]
     with atomic_output_dir(out, force, inputs=[ckpt]) as tmp:
         files = write_hf_weights(tmp, specs, hf_tensors(False), max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
         copy_side_files(ckpt / HF_FILES_DIR, tmp, skip=(CONFIG_FILE,))
-        config = hf_config_for_export(src.meta, src.arch, out_dtype)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config = hf_config_for_export(src.meta, src.arch, out_dtype, layout)
+        stored = ckpt / HF_FILES_DIR / CONFIG_FILE  # the source's own file: keep its bytes when unchanged
+        if stored.is_file() and _json_or_none(stored) == config:
+            shutil.copyfile(stored, tmp / CONFIG_FILE)
+        else:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     log.info("wrote %s: %d weight files", out, len(files))
     return [out / f.name for f in files]

@@ -3,9 +3,10 @@
 Weights are read one tensor at a time from safetensors (a single
 ``model.safetensors``, an index ``model.safetensors.index.json`` with its
 shards, or unindexed ``*.safetensors`` files).  Nothing is ever unpickled:
-:func:`open_hf_weights` is the one place that picks a reader, and where a
-``torch.load(weights_only=True, mmap=True)`` reader for sharded ``.bin`` files
-would be added (ChatGLM's original checkpoints).
+:func:`open_hf_weights` is the one place that picks a reader; sharded ``.bin``
+files are read only for original ChatGLM checkpoints (``model_type: chatglm``),
+through ``torch.load(weights_only=True, mmap=True)``
+(:mod:`fg_megatron.checkpoint.chatglm_io`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,10 @@ def open_hf_weights(hf_dir: Path) -> HFWeights:
         return HFWeights(location, hf_dir)
     pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
+        from fg_megatron.checkpoint import chatglm_io
+
+        if chatglm_io.reads_bin(hf_dir):  # original ChatGLM: .bin shards via torch.load(weights_only=True)
+            return chatglm_io.open_bin_weights(hf_dir)
         raise CheckpointMismatchError(
             f"{hf_dir}: weights are only in PyTorch pickle files ({', '.join(pickles[:3])}); fg_megatron reads "
             f"safetensors and never unpickles. Re-save the model with "

@@ -26,4 +26,8 @@ def load_tokenizer(path: Path | str, **kwargs):
         raise CheckpointMismatchError(
             f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)} in {directory})"
         )
+    from fg_megatron.models.chatglm.tokenizer import is_chatglm_tokenizer_dir, load_chatglm_tokenizer
+
+    if is_chatglm_tokenizer_dir(directory):  # ChatGLM3's remote-code class, reimplemented: no trust_remote_code
+        return load_chatglm_tokenizer(directory, **kwargs)
     return AutoTokenizer.from_pretrained(str(directory), **kwargs)

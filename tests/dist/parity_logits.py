@@ -1,4 +1,5 @@
-"""Logits of our megatron-core model vs transformers, for every tiny variant.
+"""Logits of our megatron-core model vs transformers, for every tiny variant; GLM variants
+also from their original ChatGLM3 layout (``<name>@chatglm``).
 
 torchrun --nproc-per-node N tests/dist/parity_logits.py --tp T --pp P --out result.json
 """
@@ -14,7 +15,7 @@ from fg_megatron.logprobs import full_logits
 from fg_megatron.models import arch_from_hf_config, family_module
 from fg_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from fg_megatron.schedule import position_ids_like, run_microbatches
-from tiny_models import VARIANTS, hf_model
+from tiny_models import GLM_VARIANTS, VARIANTS, chatglm_original_config, chatglm_original_state, hf_model
 
 p = argparse.ArgumentParser()
 p.add_argument("--tp", type=int, default=1)
@@ -24,11 +25,16 @@ args = p.parse_args()
 
 ctx = parallel.initialize(args.tp, args.pp, seed=1)
 results = {}
-for name in VARIANTS:
+cases = [(name, name, "hf") for name in VARIANTS] + [(f"{n}@chatglm", n, "chatglm") for n in GLM_VARIANTS]
+for case, name, layout in cases:
     hf = hf_model(name)
-    arch = arch_from_hf_config(hf.config.to_dict())
+    if layout == "chatglm":  # the same weights, as THUDM's original checkpoint names them
+        config, state = chatglm_original_config(hf.config), chatglm_original_state(hf)
+    else:
+        config, state = hf.config.to_dict(), hf.state_dict()
+    arch = arch_from_hf_config(config)
     adapter = family_module(arch.family).state_dict_adapter(arch)
-    full = megatron_from_hf(adapter, hf.state_dict().get)
+    full = megatron_from_hf(adapter, state.get)
     model = build_gpt_model(arch, tp=args.tp, pp=args.pp, pp_rank=ctx.pp_rank)
     shards = dict(stage_shards(full, adapter, tp=args.tp, tp_rank=ctx.tp_rank, pp=args.pp,
                                pp_rank=ctx.pp_rank, padded_vocab=padded_vocab_size(arch.vocab_size, args.tp)))
@@ -45,7 +51,7 @@ for name in VARIANTS:
         forward_only=True)
     if ctx.is_last_stage:
         logits = torch.cat([o["logits"] for o in out])
-        results[name] = {"max_abs_diff": (logits - ref).abs().max().item(),
+        results[case] = {"max_abs_diff": (logits - ref).abs().max().item(),
                          "shape": list(logits.shape), "ref_shape": list(ref.shape),
                          "ref_std": ref.std().item()}
 if ctx.is_last_stage and ctx.tp_rank == 0:
