@@ -299,3 +299,29 @@ def test_whole_file_validated_before_any_training(tmp_path, tok):
     path.write_text("\n".join([GOOD_GENERIC] * 50 + ['{"prompt": "p", "chosen": "a", "rejected": 5}']) + "\n")
     with pytest.raises(DataFormatError, match=r"late\.jsonl:51: field 'rejected': expected a string, got integer"):
         PreferenceDataset.from_file(path, tok, 32, 16)
+
+
+def test_chat_template_renders_plain_prompts_as_a_user_turn(tmp_path):
+    """data.chat_template: plain-string prompts become one user turn of the chat template;
+    already-rendered conversations are left alone."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from fg_megatron.data import load_preference_records, load_sft_records
+
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets/tiny/tokenizer"))
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"}) + "\n")
+    [plain] = load_preference_records(path, tokenizer=tok)
+    [chat] = load_preference_records(path, tokenizer=tok, chat_template=True)
+    assert plain.prompt == "What is 2+2?"
+    assert chat.prompt == tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                                  add_generation_prompt=True)
+    assert chat.chosen == " 4"
+    conv = tmp_path / "m.jsonl"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    conv.write_text(json.dumps({"messages": msgs}) + "\n")
+    [a] = load_sft_records(conv, tokenizer=tok)
+    [b] = load_sft_records(conv, tokenizer=tok, chat_template=True)
+    assert a.prompt == b.prompt  # rendered once, not wrapped again

@@ -36,11 +36,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = "assets/tiny/data/pref_train.jsonl"  # JSONL (or parquet) training file
-    eval: Optional[str] = None  # optional held-out file of the same shape
     format: str = "auto"  # auto-detect from fields, or: generic, hh_rlhf, ultrafeedback, tldr, cvalues, sft, prompts
     max_prompt_length: int = 192  # prompts longer than this lose tokens from the left
     max_response_length: int = 64  # responses longer than this are cut on the right
     shuffle: bool = True  # reshuffle each epoch (seeded by train.seed)
+    chat_template: bool = False  # render plain-string prompts as a user turn with the tokenizer's chat template
     group_batches: int = 16  # sort samples by length within buffers of this many global batches (0: off)
     pad_multiple: int = 8  # micro-batch sequence length rounded up to a multiple of this (fewer shapes)
 

@@ -59,8 +59,8 @@ class PreferenceDataset(_Base):
 
     @classmethod
     def from_file(cls, path: Union[str, Path], tokenizer: Any, max_prompt_length: int, max_response_length: int,
-                  format: str = "auto") -> "PreferenceDataset":
-        return cls(load_preference_records(path, format, tokenizer), tokenizer, max_prompt_length,
+                  format: str = "auto", chat_template: bool = False) -> "PreferenceDataset":
+        return cls(load_preference_records(path, format, tokenizer, chat_template), tokenizer, max_prompt_length,
                    max_response_length)
 
     def collate(self, indices: Sequence[int], *, pad_multiple: int = 8, length: Optional[int] = None) -> dict:
@@ -80,8 +80,9 @@ class SFTDataset(_Base):
 
     @classmethod
     def from_file(cls, path: Union[str, Path], tokenizer: Any, max_prompt_length: int, max_response_length: int,
-                  format: str = "auto") -> "SFTDataset":
-        return cls(load_sft_records(path, format, tokenizer), tokenizer, max_prompt_length, max_response_length)
+                  format: str = "auto", chat_template: bool = False) -> "SFTDataset":
+        return cls(load_sft_records(path, format, tokenizer, chat_template), tokenizer, max_prompt_length,
+                   max_response_length)
 
     def collate(self, indices: Sequence[int], *, pad_multiple: int = 8, length: Optional[int] = None) -> dict:
         return collate_sft([self.items[i] for i in indices], self.pad_id, ids=[self.records[i].id for i in indices],
@@ -104,8 +105,8 @@ class PromptDataset(_Base):
 
     @classmethod
     def from_file(cls, path: Union[str, Path], tokenizer: Any, max_prompt_length: int,
-                  format: str = "auto") -> "PromptDataset":
-        return cls(load_prompt_records(path, format, tokenizer), tokenizer, max_prompt_length)
+                  format: str = "auto", chat_template: bool = False) -> "PromptDataset":
+        return cls(load_prompt_records(path, format, tokenizer, chat_template), tokenizer, max_prompt_length)
 
     def collate(self, indices: Sequence[int], *, side: str = "left", pad_multiple: int = 1) -> dict:
         batch: dict = collate_prompts([self.items[i] for i in indices], self.pad_id, side=side,

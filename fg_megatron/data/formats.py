@@ -276,13 +276,20 @@ def _row_id(r: _Row, name: str) -> str:
     return str(value)
 
 
-def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: Any = None) -> list:
+# Formats whose prompt can be a plain string (rather than a rendered conversation or a transcript).
+_PLAIN_PROMPT_FORMATS = ("generic", "tldr", "cvalues", "sft", "prompts")
+
+
+def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: Any = None,
+                 chat_template: bool = False) -> list:
     """Validate every row of ``path`` and return its records (see the module docstring).
 
     ``kind`` says what the caller needs: ``preference`` -> :class:`PreferenceRecord`,
     ``sft`` -> :class:`SFTRecord` (preference rows give ``prompt`` + ``chosen``),
     ``prompts`` -> :class:`PromptRecord`.  ``tokenizer`` renders message lists with its chat
-    template.  Raises :class:`DataFormatError` at the first bad row.
+    template; with ``chat_template`` plain-string prompts are rendered too, as one user
+    turn followed by the assistant's generation prompt (for chat models such as ChatGLM3).
+    Raises :class:`DataFormatError` at the first bad row.
     """
     shown = str(path)
     if format != "auto" and format not in _PARSERS:
@@ -304,6 +311,9 @@ def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: An
             raise r.error(None, f"rows of format '{fmt}' cannot serve as {kind} data: it needs {need} "
                                 f"(the supported shapes: {_SHAPES})")
         prompt, first, second, used = _PARSERS[fmt](r)
+        if (chat_template and isinstance(prompt, str) and fmt in _PLAIN_PROMPT_FORMATS
+                and "messages" not in used and not isinstance(row.get("prompt"), list)):
+            prompt = r.render([{"role": "user", "content": prompt}], "prompt")
         rid = _row_id(r, name)
         if "id" in row:
             if rid in seen_ids:
@@ -327,14 +337,17 @@ def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: An
     return records
 
 
-def load_preference_records(path: PathLike, format: str = "auto", tokenizer: Any = None) -> list[PreferenceRecord]:
-    return load_records(path, "preference", format, tokenizer)
+def load_preference_records(path: PathLike, format: str = "auto", tokenizer: Any = None,
+                            chat_template: bool = False) -> list[PreferenceRecord]:
+    return load_records(path, "preference", format, tokenizer, chat_template)
 
 
-def load_sft_records(path: PathLike, format: str = "auto", tokenizer: Any = None) -> list[SFTRecord]:
-    return load_records(path, "sft", format, tokenizer)
+def load_sft_records(path: PathLike, format: str = "auto", tokenizer: Any = None,
+                     chat_template: bool = False) -> list[SFTRecord]:
+    return load_records(path, "sft", format, tokenizer, chat_template)
 
 
-def load_prompt_records(path: PathLike, format: str = "auto", tokenizer: Any = None) -> list[PromptRecord]:
-    return load_records(path, "prompts", format, tokenizer)
+def load_prompt_records(path: PathLike, format: str = "auto", tokenizer: Any = None,
+                        chat_template: bool = False) -> list[PromptRecord]:
+    return load_records(path, "prompts", format, tokenizer, chat_template)
 

@@ -51,7 +51,8 @@ class DPOTask:
         self.impl = cfg.model.logprob_impl
         self.dataset = PreferenceDataset.from_file(resolve_path(cfg.data.train), run.tokenizer,
                                                    cfg.data.max_prompt_length, cfg.data.max_response_length,
-                                                   format=cfg.data.format)
+                                                   format=cfg.data.format,
+                                                   chat_template=cfg.data.chat_template)
         self.stream = self._new_stream()
         self.reference_logps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reference_model = None

@@ -33,7 +33,8 @@ class SFTTask:
         cfg = run.cfg
         self.run = run
         dataset = SFTDataset.from_file(resolve_path(cfg.data.train), run.tokenizer, cfg.data.max_prompt_length,
-                                       cfg.data.max_response_length, format=cfg.data.format)
+                                       cfg.data.max_response_length, format=cfg.data.format,
+                                       chat_template=cfg.data.chat_template)
         self.stream = MicroBatchStream.from_config(dataset, cfg.data, cfg.train, dp_size=run.ctx.dp,
                                                    dp_rank=run.ctx.dp_rank)
         self.impl = cfg.model.logprob_impl
