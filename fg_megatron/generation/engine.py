@@ -1,0 +1,146 @@
+"""Token generation with megatron-core under any TP x PP layout, with a KV cache.
+
+One call generates for one batch of prompts.  Every rank of a model-parallel
+group calls it with the same prompts; each step runs one micro-batch through
+megatron-core's pipeline schedule (so PP stages hand activations on as in
+training), the last stage gathers the vocab-parallel logits of the last
+position, picks the next tokens (:mod:`.sampling`), and broadcasts them to every
+stage and TP rank.
+
+KV cache: megatron-core's ``StaticInferenceContext``.  The first step encodes
+the whole prompt (prefill); later steps feed one token per row and attend to
+the cached keys/values.  ``use_cache=False`` recomputes the full sequence each
+step (the reference the cache is tested against).
+
+Left padding and positions: megatron-core's RoPE rotates by the column index
+(it ignores ``position_ids``), so a row with ``k`` pad tokens sees its tokens at
+positions shifted by ``k``.  RoPE attention scores depend only on the distance
+between query and key, so the shift changes nothing but rounding; the padded
+keys themselves are masked (:mod:`.masks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fg_megatron.data.collate import collate_prompts
+from fg_megatron.generation.masks import decode_mask, prefill_mask
+from fg_megatron.generation.sampling import SamplingParams, next_tokens, row_generators
+from fg_megatron.logprobs import full_logits
+from fg_megatron.models.gpt import LMHead
+from fg_megatron.parallel import ParallelContext
+
+
+@dataclass
+class Generation:
+    """One prompt's response."""
+
+    ids: list[int]  # generated token ids; ends with the EOS token when finish_reason == "eos"
+    finish_reason: str  # "eos" or "length" (max_new_tokens reached)
+
+
+def _last_position_logits(tp_group, head: LMHead):
+    """Loss function of the schedule's last stage: full-vocabulary logits of the last column."""
+    last = LMHead(hidden=head.hidden[-1:], weight=head.weight, vocab_start=head.vocab_start,
+                  vocab_size=head.vocab_size)
+    logits = full_logits(last, tp_group)[:, 0].float()  # [b, V]: gathered over TP, padding rows dropped
+    return torch.zeros(()), {"logits": logits}
+
+
+def _forward_step(tp_group, inference_context, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
+                   inference_context=inference_context)
+    return output, partial(_last_position_logits, tp_group)
+
+
+def _step_logits(model, ctx: ParallelContext, input_ids: Tensor, position_ids: Tensor, mask: Tensor,
+                 inference_context) -> Optional[Tensor]:
+    """One forward through the pipeline; ``[b, V]`` logits on the last stage, None elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
+    stats = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, ctx.tp_group, inference_context),
+        data_iterator=iter([batch]), model=[model], num_microbatches=1,
+        seq_length=int(input_ids.shape[1]), micro_batch_size=int(input_ids.shape[0]), forward_only=True)
+    return stats[0]["logits"] if ctx.is_last_stage else None
+
+
+def _share_tokens(tokens: Tensor, ctx: ParallelContext) -> Tensor:
+    """The last stage's tokens on every rank of the model-parallel group (TP rank 0's win)."""
+    from megatron.core import parallel_state as ps
+
+    if ctx.pp > 1:
+        dist.broadcast(tokens, ps.get_pipeline_model_parallel_last_rank(), group=ctx.pp_group)
+    if ctx.tp > 1:
+        # Every TP rank sampled from the same gathered logits with the same generators; the
+        # broadcast makes agreement a guarantee rather than an assumption about rounding.
+        dist.broadcast(tokens, ps.get_tensor_model_parallel_src_rank(), group=ctx.tp_group)
+    return tokens
+
+
+@torch.no_grad()
+def generate_ids(model, ctx: ParallelContext, prompts: Sequence[Sequence[int]], *, eos_ids: Sequence[int],
+                 pad_id: int, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
+                 seeds: Optional[Sequence[int]] = None, use_cache: bool = True) -> list[Generation]:
+    """Responses for ``prompts`` (token ids, BOS included), one :class:`Generation` each.
+
+    ``model`` is this rank's stage (eval mode).  A row stops at its first token in
+    ``eos_ids`` (kept in ``ids``) or after ``max_new_tokens``; the loop stops when
+    every row has.  ``seeds`` (one per prompt) seed each row's sampling generator;
+    ignored when greedy.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        return []
+    if not sampling.greedy and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError(f"sampling needs one seed per prompt ({len(prompts)} prompts)")
+    if getattr(getattr(model, "config", None), "window_size", None) is not None and len(set(map(len, prompts))) > 1:
+        # megatron-core replaces the given mask with its sliding-window mask: padding would be attended
+        raise ValueError("a sliding-window model needs prompts of equal length in one batch "
+                         "(runner.make_batches(equal_length=True))")
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    device = ctx.device
+    batch = collate_prompts(prompts, pad_id, side="left")
+    tokens = batch["input_ids"].to(device)  # [b, s]
+    valid = batch["attention_mask"].bool().to(device)
+    positions = batch["position_ids"].to(device)
+    b, s = tokens.shape
+    cache = StaticInferenceContext(b, s + max_new_tokens) if use_cache else None
+    generators = None if sampling.greedy else row_generators(seeds)
+    eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(b)]
+    for step in range(max_new_tokens):
+        if cache is None or step == 0:
+            step_ids, step_pos, mask = tokens, positions, prefill_mask(valid)
+        else:
+            step_ids, step_pos, mask = tokens[:, -1:], positions[:, -1:], decode_mask(valid)
+        logits = _step_logits(model, ctx, step_ids, step_pos, mask, cache)
+        nxt = torch.empty(b, dtype=torch.long, device=device)
+        if logits is not None:
+            nxt.copy_(next_tokens(logits, sampling, generators))
+        nxt = _share_tokens(nxt, ctx)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows idle on padding
+        for i in (~done).nonzero()[:, 0].tolist():
+            out[i].append(int(nxt[i]))
+        done |= torch.isin(nxt, eos)
+        if cache is not None:
+            cache.increment_sequence_len_offset(step_ids.shape[1])
+            cache.enable_decode_mode()
+        if bool(done.all()):
+            break
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+    eos_set = set(eos.tolist())
+    return [Generation(ids, "eos" if ids and ids[-1] in eos_set else "length") for ids in out]

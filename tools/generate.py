@@ -1,0 +1,40 @@
+"""Responses for prompts, greedy or sampled, under any TP x PP x DP layout.
+
+    torchrun --nproc-per-node N tools/generate.py --load PATH --tp T [--pp P] --prompts IN.jsonl --out OUT.jsonl \
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B]
+
+PATH is an HF directory or an fg checkpoint.  Input rows need a "prompt" (any
+data format works: preference and SFT files give their prompts).  Each output
+row is the input row plus "response" (text, EOS excluded), "response_ids" (EOS
+included when generated) and "finish_reason" ("eos" or "length").  Temperature
+0 (the default) is greedy; otherwise the same --seed gives the same responses
+for any layout.
+"""
+
+import argparse
+
+from fg_megatron.generation.runner import generate_file
+from fg_megatron.trainers.errors import run_cli
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="HF directory or fg checkpoint")
+    p.add_argument("--prompts", required=True, help="JSONL (or parquet) rows with a prompt")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed (each prompt gets its own stream)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch per DP rank")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="cut longer prompts on the left (default: max_position_embeddings - max_new_tokens)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = p.parse_args()
+    run_cli(lambda: generate_file(a.load, a.prompts, a.out, tp=a.tp, pp=a.pp, max_new_tokens=a.max_new_tokens,
+                                  temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                                  batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
+                                  use_cache=not a.no_cache, dtype=a.dtype))
