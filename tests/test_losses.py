@@ -399,3 +399,19 @@ def test_ipo_uses_per_token_means_like_trl():
     # gate on sums: sample 0: -11 - (-10) = -1 (not gated); sample 1: -5 - (-6) = 1 > 0 (gated)
     assert out.gate.tolist() == [0.0, 1.0]
     assert torch.allclose(out.ce_losses, torch.tensor([0.0, -0.5 * -6.0], dtype=torch.float64))
+
+
+def test_chosen_drop_rate_is_the_flipguard_gate_for_every_constraint():
+    """A comparable regression signal: the same fraction whatever the constraint."""
+    import torch
+
+    from fg_megatron.losses import preference_loss
+
+    pc = torch.tensor([-1.0, -3.0, -2.0, -5.0])
+    rc = torch.tensor([-2.0, -2.0, -2.0, -4.0])  # drops: 1.0 (sample 1), 1.0 (sample 3); sample 2 exactly 0
+    pr = torch.tensor([-3.0, -3.0, -3.0, -3.0])
+    for constraint in ("none", "kd", "flipguard"):
+        out = preference_loss(pc, pr, rc, pr, beta=0.1, constraint=constraint, gamma=0.01, epsilon=0.0)
+        assert out.metrics["chosen_drop_rate"].item() == 0.5, constraint
+    out = preference_loss(pc, pr, rc, pr, beta=0.1, constraint="flipguard", gamma=0.01, epsilon=0.0)
+    assert out.metrics["gate_rate"].item() == out.metrics["chosen_drop_rate"].item()

@@ -31,7 +31,7 @@ from torch import Tensor
 from fg_megatron.losses.dpo import DPOLossType, dpo_loss
 from fg_megatron.losses.errors import LossArgumentError, check_choice, check_per_sample
 from fg_megatron.losses.flipguard import (CE_REDUCTIONS, CONSTRAINTS, CEReduction, Constraint,
-                                          constraint_ce, constraint_gate)
+                                          constraint_ce, constraint_gate, flip_gate)
 
 # Every metric is a per-sample mean; ``metric_sums`` holds the sums under the
 # same names plus "samples" (the count), so sums from any split of the batch
@@ -41,6 +41,7 @@ METRIC_KEYS: tuple[str, ...] = (
     "dpo_loss",          # the DPO / IPO / hinge term
     "ce_loss",           # the constraint term as it enters the loss: -gamma * gate * logp (or /n_tokens)
     "gate_rate",         # fraction of samples gated (live proxy of the negative-flip rate)
+    "chosen_drop_rate",  # fraction with logp_pi0(y_c) - logp_pi(y_c) > epsilon, whatever the constraint
     "rewards_chosen",    # beta * (logp_pi(y_c) - logp_pi0(y_c))
     "rewards_rejected",  # beta * (logp_pi(y_r) - logp_pi0(y_r))
     "reward_margin",     # rewards_chosen - rewards_rejected
@@ -127,6 +128,7 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
             "dpo_loss": dpo_losses.detach().sum(),
             "ce_loss": ce_losses.detach().sum(),
             "gate_rate": gate.sum(),
+            "chosen_drop_rate": flip_gate(policy_chosen_logps, ref_chosen_logps, epsilon).sum(),
             "rewards_chosen": chosen_rewards.sum(),
             "rewards_rejected": rejected_rewards.sum(),
             "reward_margin": margin.sum(),

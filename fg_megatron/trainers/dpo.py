@@ -42,7 +42,7 @@ def pair_logps(head, batch: Batch, tp_group, impl: str) -> tuple[torch.Tensor, t
 
 class DPOTask:
     name = "DPO"
-    progress_keys = ("loss", "dpo_loss", "gate_rate", "reward_accuracy", "reward_margin")
+    progress_keys = ("loss", "dpo_loss", "gate_rate", "chosen_drop_rate", "reward_accuracy", "reward_margin")
 
     def __init__(self, run: Run) -> None:
         cfg = run.cfg
