@@ -2,10 +2,21 @@
 
 Everything that needs ``log p(token | prefix)`` calls :func:`token_logprobs`
 with the :class:`~fg_megatron.models.gpt.LMHead` of the last pipeline stage.
+The work is done by the fused sequence log-likelihood of ``kernels/``
+(installed as ``fg_megatron_kernels``; math, TP combination and memory profile
+in ``kernels/seq_loglik.py``), chosen by ``impl`` (``--logprob-impl``):
+``auto`` (Triton on CUDA, chunked torch elsewhere), ``triton``, ``torch``, or
+``megatron`` (the outside reference on materialised logits).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
 import torch
@@ -15,6 +26,50 @@ from torch import Tensor
 from fg_megatron.models.gpt import LMHead
 
 IMPLS = ("auto", "triton", "torch", "megatron")
+
+
+class LogprobImplError(ValueError):
+    """An unknown ``--logprob-impl`` / ``model.logprob_impl`` value."""
+
+
+def kernels_module() -> ModuleType:
+    """``fg_megatron_kernels.seq_loglik``: the repository's ``kernels/`` folder.
+
+    ``pip install -e .`` maps the package name onto the folder; from a bare
+    source tree (CI before install, a copied working tree) the same mapping is
+    made here, so the folder never has to be importable as ``kernels`` (that
+    name belongs to a PyPI package transformers probes for).
+    """
+    name = "fg_megatron_kernels"
+    if name not in sys.modules and importlib.util.find_spec(name) is None:
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(Path(__file__).resolve().parents[2] / "kernels")]
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{name}.seq_loglik")
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``triton`` on CUDA, ``torch`` elsewhere; other names are checked and kept.
+
+    ``triton`` without CUDA runs under the Triton interpreter (slow: tests and
+    parity checks only); ``megatron`` is megatron-core's vocab-parallel cross
+    entropy on materialised ``[tokens, V/tp]`` logits (the outside reference).
+    """
+    if impl not in IMPLS:
+        raise LogprobImplError(f"logprob impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    if impl == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    return impl
+
+
+def _default_tp_group(tp_group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    """``None`` means megatron's TP group when parallel state is set up (as megatron-core's
+    own functions read it): a sharded weight never silently misses its other shards."""
+    if tp_group is not None or not dist.is_initialized():
+        return tp_group
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
 
 
 def _megatron_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, vocab_start: int,
@@ -40,19 +95,32 @@ def token_logprobs(head: LMHead, targets: Tensor, mask: Optional[Tensor] = None,
 
     ``head.hidden`` is ``[s, b, h]`` (megatron's layout); ``targets`` and ``mask``
     are ``[b, s]``.  Padded vocabulary rows never take probability mass.
+    ``impl`` (see :func:`resolve_impl`): ``torch`` / ``triton`` never build the
+    ``[tokens, vocab]`` logits (kernels/seq_loglik.py); ``megatron`` does.
+    Differentiable w.r.t. ``head.hidden`` and ``head.weight``; every value <= 0.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"logprob impl must be one of {IMPLS}, got {impl!r}")
+    impl = resolve_impl(impl)
+    tp_group = _default_tp_group(tp_group)
     s, b, h = head.hidden.shape
-    hidden = head.hidden.transpose(0, 1).reshape(b * s, h)
-    flat_targets = targets.reshape(b * s)
+    if targets.shape != (b, s) or (mask is not None and mask.shape != (b, s)):
+        raise ValueError(f"targets and mask must be [b, s] = [{b}, {s}] to match hidden [s, b, h] = "
+                         f"{list(head.hidden.shape)}; got {list(targets.shape)} and "
+                         f"{None if mask is None else list(mask.shape)}")
     if mask is None:
         mask = torch.ones_like(targets, dtype=torch.bool)
-    flat_mask = mask.reshape(b * s).bool()
-    logp = _megatron_token_logprobs(hidden, head.weight, flat_targets, vocab_start=head.vocab_start,
-                                    vocab_size=head.vocab_size, tp_group=tp_group)
-    logp = torch.where(flat_mask, logp, torch.zeros_like(logp))
-    return logp.view(b, s)
+    # Tokens in megatron's [s, b] order: hidden flattens without a copy.
+    hidden = head.hidden.reshape(s * b, h)
+    flat_targets = targets.t().reshape(s * b)
+    flat_mask = mask.t().reshape(s * b).bool()
+    if impl == "megatron":
+        logp = _megatron_token_logprobs(hidden, head.weight, flat_targets, vocab_start=head.vocab_start,
+                                        vocab_size=head.vocab_size, tp_group=tp_group)
+        logp = torch.where(flat_mask, logp, torch.zeros_like(logp))
+    else:
+        logp = kernels_module().seq_loglik(hidden, head.weight, flat_targets, flat_mask,
+                                            vocab_start=head.vocab_start, vocab_size=head.vocab_size,
+                                            tp_group=tp_group, impl=impl)
+    return logp.view(s, b).t().contiguous()
 
 
 def sequence_logprobs(token_logp: Tensor, mask: Tensor) -> Tensor:
