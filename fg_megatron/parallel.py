@@ -158,6 +158,18 @@ def context_from_megatron() -> ParallelContext:
     )
 
 
+def gather_to_main(ctx: ParallelContext, items: list, owner: bool) -> Optional[list]:
+    """Concatenate ``items`` of the ranks where ``owner`` is true, on global rank 0
+    (None elsewhere).  Every rank must call it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items) if owner else []
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items) if owner else [])
+    if not ctx.is_main:
+        return None
+    return [item for part in gathered for item in (part or [])]
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 

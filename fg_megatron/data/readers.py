@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
 
 from fg_megatron.data.errors import DataFormatError
 
@@ -75,3 +75,14 @@ def read_rows(path: PathLike) -> Iterator[tuple[int, dict]]:
     if p.suffix.lower() in (".parquet", ".pq"):
         return _parquet_rows(p, shown)
     return _jsonl_rows(p, shown)
+
+
+def write_jsonl(rows: Iterable[dict], path: PathLike) -> None:
+    """Write rows as UTF-8 JSON lines; atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)

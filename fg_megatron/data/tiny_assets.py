@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Union
 
-from fg_megatron.data.tiny_task import SIZES, generate, write_jsonl
+from fg_megatron.data.readers import write_jsonl
+from fg_megatron.data.tiny_task import SIZES, generate
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")

@@ -30,10 +30,8 @@ draw from prompts held out from both.  Everything is a pure function of the seed
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
 from fg_megatron.data.records import PromptRecord
@@ -281,12 +279,6 @@ def generate(seed: int = 0, sizes: Mapping[str, int] = SIZES) -> dict[str, list[
         "pref_eval": make_pairs(random.Random(seeds[2]), test_pools, sizes["pref_eval"], "pref_eval"),
         "test_prompts": make_test_prompts(random.Random(seeds[3]), test_pools, sizes["test_prompts"]),
     }
-
-
-def write_jsonl(rows: Iterable[dict], path: Union[str, Path]) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # ---- the oracle

@@ -10,18 +10,15 @@ as training does (BOS before the prompt, EOS after the response);
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
 from fg_megatron.checkpoint.tokenizer import load_tokenizer
 from fg_megatron.data import SFTDataset
-from fg_megatron.data.readers import read_rows
+from fg_megatron.data.readers import read_rows, write_jsonl
 from fg_megatron.logprobs import sequence_logprobs, token_logprobs
 from fg_megatron.parallel import get_logger
 from fg_megatron.schedule import run_microbatches
@@ -62,23 +59,16 @@ def score_file(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, batc
         for stats in run_microbatches(model, chunk, head, forward_only=True):
             results.extend(zip(stats["idx"], stats["logp"], stats["n_tokens"]))
         log.info("scored %d/%d batches", min(start + micro_batches_per_call, len(batches)), len(batches))
-    owner = ctx.is_last_stage and ctx.tp_rank == 0
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results if owner else [])
+    gathered = parallel.gather_to_main(ctx, results, owner=ctx.is_last_stage and ctx.tp_rank == 0)
     output = None
-    if ctx.is_main:
-        by_idx = {i: (lp, n) for part in gathered for i, lp, n in (part or [])}
+    if gathered is not None:
+        by_idx = {i: (lp, n) for i, lp, n in gathered}
         output = []
         for i, record in enumerate(dataset.records):
             line = int(record.source.rsplit(":", 1)[1])
             lp, n = by_idx[i]
             output.append({**rows[line], "logp": lp, "n_tokens": n})
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_name(Path(out).name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in output:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(out)
+        write_jsonl(output, out)
         log.info("wrote %d rows to %s", len(output), out)
     parallel.shutdown()
     return output

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
 from fg_megatron.checkpoint.tokenizer import load_tokenizer, tokenizer_dir
 from fg_megatron.data import PromptDataset
-from fg_megatron.data.readers import read_rows
+from fg_megatron.data.readers import read_rows, write_jsonl
 from fg_megatron.data.tokenize import token_layout
 from fg_megatron.generation.engine import Generation, generate_ids
 from fg_megatron.generation.sampling import GenerationSettingsError, SamplingParams, row_seed
@@ -68,16 +67,6 @@ def decode(tokenizer: Any, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
     return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
-def _write_jsonl(rows: list[dict], out: Path | str) -> None:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-
-
 def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 1234,
                   batch_size: int = 32, max_prompt_length: Optional[int] = None, use_cache: bool = True,
@@ -116,18 +105,16 @@ def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1
             use_cache=use_cache)
         results.extend((i, g.ids, g.finish_reason) for i, g in zip(idx, gens))
         log.info("generated %d/%d batches", n + 1, len(batches))
-    owner = ctx.is_last_stage and ctx.tp_rank == 0
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results if owner else [])
+    gathered = parallel.gather_to_main(ctx, results, owner=ctx.is_last_stage and ctx.tp_rank == 0)
     output = None
-    if ctx.is_main:
-        by_idx = {i: (ids, reason) for part in gathered for i, ids, reason in (part or [])}
+    if gathered is not None:
+        by_idx = {i: (ids, reason) for i, ids, reason in gathered}
         output = []
         for i, line in enumerate(lines):
             ids, reason = by_idx[i]
             output.append({**rows[line], "response": decode(tokenizer, ids, eos_ids), "response_ids": ids,
                            "finish_reason": reason})
-        _write_jsonl(output, out)
+        write_jsonl(output, out)
         log.info("wrote %d rows to %s", len(output), out)
     parallel.shutdown()
     return output

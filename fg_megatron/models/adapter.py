@@ -98,6 +98,18 @@ def split_halves0(tensor: Tensor, arch: ModelArch) -> Sequence[Tensor]:
     return [t.contiguous() for t in torch.chunk(tensor, 2, dim=0)]
 
 
+def causal_lm_global_maps(arch: ModelArch) -> list[KeyMap]:
+    """Embedding, final norm and (untied) head of transformers' ``*ForCausalLM`` layout
+    (``model.embed_tokens``, ``model.norm``, ``lm_head``), shared by Llama, Mistral and GLM."""
+    maps = [
+        KeyMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
+        KeyMap("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    ]
+    if not arch.tie_word_embeddings:
+        maps.append(KeyMap("output_layer.weight", ("lm_head.weight",)))
+    return maps
+
+
 def qkv_map(megatron: str, q: str, k: str, v: str, optional: bool = False) -> KeyMap:
     return KeyMap(
         megatron, (q, k, v),

@@ -33,7 +33,7 @@ from fg_megatron.checkpoint.layout import FgCheckpoint
 from fg_megatron.checkpoint.load import load_stage_state, save_model
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError
 from fg_megatron.checkpoint.state_io import load_state, save_state
-from fg_megatron.parallel import ParallelContext, get_logger
+from fg_megatron.parallel import get_logger
 from fg_megatron.trainers.engine import Engine
 
 log = get_logger("checkpoint")

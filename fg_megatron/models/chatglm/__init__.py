@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fg_megatron.models.adapter import KeyMap, StateDictAdapter, fuse_qkv_grouped, qkv_map, split_qkv_grouped
+from fg_megatron.models.adapter import (KeyMap, StateDictAdapter, causal_lm_global_maps, fuse_qkv_grouped, qkv_map,
+                                        split_qkv_grouped)
 from fg_megatron.models.arch import ModelArch, ModelConfigError, require, rope_parameters
 
 log = logging.getLogger("fg_megatron.models.chatglm")
@@ -224,12 +225,7 @@ def _chatglm_adapter(arch: ModelArch) -> StateDictAdapter:
 
 def _glm_adapter(arch: ModelArch) -> StateDictAdapter:
     L = "model.layers.{}"
-    global_maps = [
-        KeyMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-        KeyMap("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ]
-    if not arch.tie_word_embeddings:
-        global_maps.append(KeyMap("output_layer.weight", ("lm_head.weight",)))
+    global_maps = causal_lm_global_maps(arch)
     attn = f"{L}.self_attn"
     layer_maps = [
         KeyMap("decoder.layers.{}.input_layernorm.weight", (f"{L}.input_layernorm.weight",)),

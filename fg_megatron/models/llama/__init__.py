@@ -6,7 +6,8 @@ permutation; only the grouped QKV fuse and the ``[gate; up]`` fc1 fuse differ.
 
 from __future__ import annotations
 
-from fg_megatron.models.adapter import KeyMap, StateDictAdapter, fuse_cat0, qkv_map, split_halves0
+from fg_megatron.models.adapter import (KeyMap, StateDictAdapter, causal_lm_global_maps, fuse_cat0, qkv_map,
+                                        split_halves0)
 from fg_megatron.models.arch import ModelArch, ModelConfigError, require, rope_parameters
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
@@ -45,12 +46,7 @@ def arch_from_hf_config(hf_config: dict, family: str = "llama") -> ModelArch:
 
 def state_dict_adapter(arch: ModelArch) -> StateDictAdapter:
     L = "model.layers.{}"
-    global_maps = [
-        KeyMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-        KeyMap("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    ]
-    if not arch.tie_word_embeddings:
-        global_maps.append(KeyMap("output_layer.weight", ("lm_head.weight",)))
+    global_maps = causal_lm_global_maps(arch)
     layer_maps = [
         KeyMap("decoder.layers.{}.input_layernorm.weight", (f"{L}.input_layernorm.weight",)),
         qkv_map("decoder.layers.{}.self_attention.linear_qkv.weight",
