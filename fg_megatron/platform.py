@@ -32,6 +32,18 @@ import torch
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
+# Without a GPU these megatron-core import-time notices say nothing actionable
+# (Transformer Engine / Apex are GPU-only; the CUDA connection hint is for GPUs).
+_CPU_NOISE = (
+    r".*Transformer Engine and Apex are not installed.*",
+    r"Apex is not installed\. Falling back to Torch Norm",
+    r"full scope is deprecated\..*",
+    r"When using async grad allreduce it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS.*",
+)
+if not torch.cuda.is_available():
+    for _pattern in _CPU_NOISE:
+        warnings.filterwarnings("ignore", message=_pattern)
+
 # megatron-core modules the trainer touches; all are imported before the
 # adaptation so each one receives the CPU view of torch.
 _MEGATRON_MODULES = (
