@@ -132,3 +132,17 @@ def test_nan_loss_stops_without_damaging_checkpoints(tmp_path):
     from fg_megatron.checkpoint.layout import FgCheckpoint
 
     FgCheckpoint(save / "checkpoints" / latest / "model")  # still a valid checkpoint
+
+
+@pytest.mark.distributed
+def test_online_reference_matches_precomputed_and_logs_gated_ids(reference_run, tmp_path):
+    save = tmp_path / "online"
+    _run(save, 1, "--tp", "1", "--reference", "online", "--set", "train.log_gated_ids=true")
+    got = _metrics(save)
+    for a, b in zip(reference_run, got):
+        for key in ("loss", "dpo_loss", "gate_rate", "reward_margin"):
+            assert abs(a[key] - b[key]) <= 1e-6, (key, a[key], b[key])
+    for m in got:
+        assert len(m["gated_ids"]) == round(m["gate_rate"] * 8)
+        assert all(isinstance(i, str) for i in m["gated_ids"])
+    assert any(m["gated_ids"] for m in got)

@@ -86,3 +86,21 @@ def test_transformers_still_imports_with_repo_root_on_path(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_transformer_engine_names_map_to_checkpoint_names():
+    """TE fuses the pre-attention / pre-MLP norms into the next linear layer; checkpoints
+    keep the local spec's names, so either spec loads the same files."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec  # noqa: F401
+
+    from fg_megatron.models.gpt import local_param_name
+    from fg_megatron.models.sharding import shard_kind
+
+    assert local_param_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
+        "decoder.layers.3.input_layernorm.weight"
+    assert local_param_name("decoder.layers.0.mlp.linear_fc1.layer_norm_weight") == \
+        "decoder.layers.0.pre_mlp_layernorm.weight"
+    for name in ("decoder.layers.0.self_attention.linear_qkv.weight", "decoder.final_layernorm.weight",
+                 "embedding.word_embeddings.weight"):
+        assert local_param_name(name) == name
+    assert shard_kind(local_param_name("decoder.layers.1.mlp.linear_fc1.layer_norm_weight")) == "rep"

@@ -36,7 +36,8 @@ from fg_megatron.checkpoint.mapping import CheckpointMismatchError, megatron_fro
 from fg_megatron.checkpoint.safetensors_io import write_file
 from fg_megatron.models import sharding
 from fg_megatron.models.arch import ModelArch
-from fg_megatron.models.gpt import DEFAULT_VOCAB_PAD_MULTIPLE, build_gpt_model, padded_vocab_size
+from fg_megatron.models.gpt import (DEFAULT_VOCAB_PAD_MULTIPLE, build_gpt_model, padded_vocab_size,
+                                   stage_state_dict)
 from fg_megatron.parallel import ParallelContext, validate_layout
 
 
@@ -70,7 +71,7 @@ def _hf_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: i
 
 def load_stage_state(model: torch.nn.Module, tensors: Iterator[tuple[str, Tensor]], source: str) -> None:
     """Copy named tensors into the stage's parameters: all present, shapes equal (dtype cast)."""
-    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+    targets = stage_state_dict(model)
     seen = set()
     with torch.no_grad():
         for name, tensor in tensors:
@@ -138,9 +139,8 @@ def _all_ok(ok: bool, ctx: ParallelContext) -> bool:
 
 
 def stage_state(model: torch.nn.Module) -> dict[str, Tensor]:
-    """The stage's tensors as saved: ``state_dict`` minus megatron-core's ``_extra_state``."""
-    return {k: v.detach() for k, v in model.state_dict().items()
-            if not k.endswith("_extra_state") and isinstance(v, Tensor)}
+    """The stage's tensors as saved: local-spec names, without megatron-core's ``_extra_state``."""
+    return {k: v.detach() for k, v in stage_state_dict(model).items()}
 
 
 def save_model(model: torch.nn.Module, arch: ModelArch, meta: CheckpointMeta, path: Path | str,

@@ -128,6 +128,28 @@ def _gpt_model_class():
     return FGGPTModel
 
 
+# Transformer Engine's layer spec fuses each pre-attention / pre-MLP norm into the
+# linear layer after it.  Checkpoints always use the local spec's names.
+_TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def local_param_name(name: str) -> str:
+    """The local-spec (checkpoint) name of a parameter of either layer spec."""
+    for te_suffix, local_suffix in _TE_FUSED_NORMS.items():
+        if name.endswith("." + te_suffix):
+            return name[: -len(te_suffix)] + local_suffix
+    return name
+
+
+def stage_state_dict(model) -> dict[str, Tensor]:
+    """A stage's tensors under checkpoint (local-spec) names, without ``_extra_state``."""
+    return {local_param_name(k): v for k, v in model.state_dict(keep_vars=True).items()
+            if not k.endswith("_extra_state") and isinstance(v, Tensor)}
+
+
 def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int) -> None:
     """Tag each parameter as TP-sharded or replicated.
 
@@ -144,7 +166,7 @@ def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int) 
     from fg_megatron.models import sharding
 
     for name, param in model.named_parameters():
-        kind = sharding.shard_kind(sharding.full_name(name, arch, pp, pp_rank))
+        kind = sharding.shard_kind(sharding.full_name(local_param_name(name), arch, pp, pp_rank))
         if kind == "rep":
             set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         else:
