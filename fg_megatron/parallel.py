@@ -131,7 +131,9 @@ def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Opti
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        create_gloo_process_groups=False,
+        # megatron-core's distributed-optimizer checkpoint path moves its state over
+        # gloo groups; on CPU the default groups already are gloo.
+        create_gloo_process_groups=dist.get_backend() == "nccl",
     )
     ctx = context_from_megatron()
     platform.seed_everything(seed, ctx.tp_rank)

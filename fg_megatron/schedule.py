@@ -10,11 +10,12 @@ inside this module.
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from fg_megatron import platform
 from fg_megatron.models.gpt import LMHead
 
 Batch = dict[str, Tensor]
@@ -22,7 +23,7 @@ HeadFn = Callable[[LMHead, Batch], tuple[Tensor, dict]]
 
 
 def _forward_step(head_fn: HeadFn, data_iterator, model):
-    batch = next(data_iterator)
+    batch = to_device(next(data_iterator), platform.default_device())
     output = model(batch["input_ids"], batch["position_ids"], None)
     return output, partial(_loss_func, head_fn, batch)
 
@@ -71,6 +72,6 @@ def position_ids_like(input_ids: Tensor) -> Tensor:
     return torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
 
 
-def microbatch_iter(batches: Iterable[Batch], device: Optional[torch.device] = None) -> list[Batch]:
-    return [{k: (v.to(device) if isinstance(v, Tensor) and device is not None else v)
-             for k, v in mb.items()} for mb in batches]
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on ``device`` (collation builds them on the CPU)."""
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}

@@ -146,3 +146,20 @@ def test_online_reference_matches_precomputed_and_logs_gated_ids(reference_run, 
         assert len(m["gated_ids"]) == round(m["gate_rate"] * 8)
         assert all(isinstance(i, str) for i in m["gated_ids"])
     assert any(m["gated_ids"] for m in got)
+
+
+def test_runs_never_mix_in_one_save_dir(tmp_path):
+    save = tmp_path / "s"
+    base = [sys.executable, str(TRAIN), *BASE, "--steps", "1", "--save", str(save)]
+    subprocess.run(base, check=True, capture_output=True, cwd=ROOT)
+    assert (save / "checkpoints/latest").read_text() == "step_000001"
+    fresh = subprocess.run(base, capture_output=True, text=True, cwd=ROOT)
+    assert fresh.returncode == 2
+    line = fresh.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "already holds checkpoints (step_000001)" in line and "--resume" in line
+    changed = subprocess.run(base + ["--resume", "--set", "data.max_prompt_length=32"], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert changed.returncode == 2
+    line = changed.stderr.strip().splitlines()[-1]
+    assert "data.max_prompt_length was 64" in line and "now 32" in line
+    assert (save / "checkpoints/latest").read_text() == "step_000001"  # untouched

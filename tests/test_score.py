@@ -82,3 +82,20 @@ def test_score_rejects_token_outside_vocabulary(scoring_setup, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "bad.jsonl:1" in last and "99999" in last, proc.stderr[-2000:]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_score_rejects_bad_batch_size_and_too_long_rows(scoring_setup, tmp_path):
+    model_dir, _, _, _ = scoring_setup
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [3]}) + "\n")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt_ids": [1, 2], "response_ids": [3]}) + "\n"
+                    + json.dumps({"prompt_ids": [5] * 120, "response_ids": [7] * 20}) + "\n")
+    for data, extra, needle in ((ok, ["--batch-size", "0"], "--batch-size must be >= 1 (got 0)"),
+                                (long, [], f"{long}:2: 140 tokens, more than the model's "
+                                           "max_position_embeddings=128")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools/score.py"), "--load", str(model_dir), "--data",
+                               str(data), "--out", str(tmp_path / "o.jsonl"), *extra], capture_output=True,
+                              text=True, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == f"error: {needle}"

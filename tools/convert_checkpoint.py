@@ -32,6 +32,13 @@ from fg_megatron.parallel import ParallelLayoutError  # noqa: E402
 USER_ERRORS = (CheckpointMismatchError, ModelConfigError, ParallelLayoutError, OutputExistsError)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
     def layout(p: argparse.ArgumentParser, default: int | None) -> None:
-        p.add_argument("--tp", type=int, default=default, required=default is None, help="tensor-parallel size")
-        p.add_argument("--pp", type=int, default=default, required=default is None, help="pipeline-parallel size")
-        p.add_argument("--vocab-pad-multiple", type=int, default=None,
+        p.add_argument("--tp", type=positive_int, default=default, required=default is None, help="tensor-parallel size")
+        p.add_argument("--pp", type=positive_int, default=default, required=default is None, help="pipeline-parallel size")
+        p.add_argument("--vocab-pad-multiple", type=positive_int, default=None,
                        help="pad the vocabulary to a multiple of this x TP (default 128, or the checkpoint's)")
 
     p = sub.add_parser("hf-to-fg", help="HF directory -> fg checkpoint")

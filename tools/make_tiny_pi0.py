@@ -1,12 +1,13 @@
 """Rebuild the committed tiny pi0 (assets/tiny/pi0) from the SFT split.
 
-    python tools/make_tiny_pi0.py            # ~10 min on 2 CPU cores
+    python tools/make_tiny_pi0.py            # ~4 min on 2 CPU cores
 
-Steps: random init -> torchrun tools/train_sft.py (configs/sft_tiny.yaml) ->
-fg-to-hf export.  Deterministic for a given seed and machine.
+Steps: random init -> torchrun tools/train_sft.py --config configs/pi0_tiny.yaml
+-> fg-to-hf export.  Deterministic for a given seed and machine.
 """
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None)
     args = p.parse_args()
     write_init_model(ROOT / "assets/tiny/init", ROOT / "assets/tiny/tokenizer")
+    shutil.rmtree(args.save, ignore_errors=True)  # a fresh run, not a resume
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-           str(ROOT / "tools/train_sft.py"), "--tp", str(args.tp), "--save", args.save,
+           str(ROOT / "tools/train_sft.py"), "--config", str(ROOT / "configs/pi0_tiny.yaml"),
+           "--tp", str(args.tp), "--save", args.save,
            "--set", "train.keep_last=1"]
     if args.steps:
         cmd += ["--steps", str(args.steps)]

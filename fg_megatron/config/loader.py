@@ -162,7 +162,11 @@ def to_dict(obj: Any) -> Any:
 def load_config(cls: type[T], path: Optional[Union[str, Path]] = None,
                 overrides: Iterable[Union[str, tuple[str, Any]]] = (),
                 base: Optional[Mapping[str, Any]] = None) -> T:
-    """Build ``cls`` from defaults, then ``base``, then the YAML file, then overrides."""
+    """Build ``cls`` from defaults, then ``base``, then the YAML file, then overrides.
+
+    Cross-field checks (``__post_init__``) see the final values, so overrides can
+    be given in any order; an error names the file or the override it comes from.
+    """
     tree: dict = to_dict(cls()) if base is None else _merge(to_dict(cls()), base)
     source = "defaults"
     if path is not None:
@@ -178,24 +182,23 @@ def load_config(cls: type[T], path: Optional[Union[str, Path]] = None,
             raise ConfigError(f"{path}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping")
-        try:  # validate names/types against the file alone first
-            _build(cls, loaded, "")
+        tree = _merge(tree, loaded)
+        try:
+            _build(cls, tree, "")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        tree = _merge(tree, loaded)
+    applied = []
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
         probe: dict = {}
         _set_dotted(probe, key, value)
-        try:
-            _build(cls, _merge(tree, probe), "")
-        except ConfigError as exc:
-            raise ConfigError(f"override {key}={value!r}: {exc}") from None
         tree = _merge(tree, probe)
+        applied.append(f"{key}={value!r}")
     try:
         return _build(cls, tree, "")
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        where = f"{source} with overrides {', '.join(applied)}" if applied else source
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def save_config(obj: Any, path: Union[str, Path]) -> None:

@@ -32,6 +32,10 @@ class ModelConfig:
     vocab_pad_multiple: int = 128  # vocabulary padded to a multiple of this x TP
     recompute: bool = False  # full activation recomputation (saves memory, costs a forward)
 
+    def __post_init__(self) -> None:
+        if self.vocab_pad_multiple < 1:
+            raise ConfigError(f"model.vocab_pad_multiple must be >= 1 (got {self.vocab_pad_multiple})")
+
 
 @dataclass
 class DataConfig:
@@ -45,6 +49,9 @@ class DataConfig:
     pad_multiple: int = 8  # micro-batch sequence length rounded up to a multiple of this (fewer shapes)
 
     def __post_init__(self) -> None:
+        if self.max_prompt_length < 1 or self.max_response_length < 1:
+            raise ConfigError(f"data.max_prompt_length and data.max_response_length must be >= 1 "
+                              f"(got {self.max_prompt_length}, {self.max_response_length})")
         if self.group_batches < 0 or self.pad_multiple < 1:
             raise ConfigError(f"data.group_batches must be >= 0 and data.pad_multiple >= 1 "
                               f"(got {self.group_batches}, {self.pad_multiple})")
@@ -61,7 +68,14 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
-    use_distributed_optimizer: bool = True  # shard optimizer state over DP where the backend allows
+    use_distributed_optimizer: bool = False  # shard optimizer state over DP (NCCL only; not yet verified on GPU)
+
+    def __post_init__(self) -> None:
+        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr and optim.min_lr must satisfy 0 <= min_lr <= lr "
+                              f"(got lr={self.lr}, min_lr={self.min_lr})")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
+            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.clip_grad must be >= 0")
 
 
 @dataclass
@@ -78,6 +92,15 @@ class TrainConfig:
     log_gated_ids: bool = False  # write the ids of FlipGuard-gated samples per step
     tensorboard: bool = True
 
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 (got {self.steps})")
+        if self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1:
+            raise ConfigError("train.save_every and train.keep_last must be >= 0, train.log_every >= 1")
+
 
 @dataclass
 class DPOConfig:
@@ -90,6 +113,16 @@ class DPOConfig:
     ce_reduction: Literal["sum", "mean"] = "sum"  # CE over response tokens: sum (paper eq. 12) or mean
     reference: Literal["precompute", "online"] = "precompute"  # precompute frees the reference model
     reference_load: Optional[str] = None  # reference checkpoint (default: model.load)
+
+    def __post_init__(self) -> None:
+        if not self.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0 (got {self.beta})")
+        if self.gamma < 0:
+            raise ConfigError(f"dpo.gamma must be >= 0 (got {self.gamma})")
+        if not 0 <= self.label_smoothing <= 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5] (got {self.label_smoothing})")
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing applies to loss_type sigmoid only (got {self.loss_type})")
 
 
 @dataclass

@@ -16,8 +16,9 @@ import torch
 
 from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
+from fg_megatron.config import ConfigError
 from fg_megatron.checkpoint.tokenizer import load_tokenizer
-from fg_megatron.data import SFTDataset
+from fg_megatron.data import DataFormatError, SFTDataset
 from fg_megatron.data.readers import read_rows, write_jsonl
 from fg_megatron.logprobs import sequence_logprobs, token_logprobs
 from fg_megatron.parallel import get_logger
@@ -31,6 +32,8 @@ def score_file(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, batc
                logprob_impl: str = "auto", dtype: str = "float32", seed: int = 1234,
                micro_batches_per_call: int = 16) -> Optional[list[dict]]:
     """Score every row of ``data`` and write ``out`` (rank 0); returns the rows on rank 0."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
     ctx = parallel.initialize(tp, pp, seed=seed)
     model, arch, _ = load_model(load, ctx, dtype=model_dtype(dtype))
     model.eval()
@@ -41,10 +44,11 @@ def score_file(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, batc
     order = sorted(range(len(dataset)), key=lambda i: dataset[i].length)  # little padding per batch
     mine = order[ctx.dp_rank::ctx.dp]
     batches = [dataset.collate(mine[i:i + batch_size], pad_multiple=1) for i in range(0, len(mine), batch_size)]
-    too_long = [b for b in batches if b["input_ids"].shape[1] > limit]
-    if too_long:
-        raise ValueError(f"{data}: a row has {too_long[0]['input_ids'].shape[1]} tokens, more than the model's "
-                         f"max_position_embeddings={limit}")
+    for i in mine:
+        if dataset[i].length > limit:
+            path, line = dataset.records[i].source.rsplit(":", 1)
+            raise DataFormatError(path, int(line), f"{dataset[i].length} tokens, more than the model's "
+                                  f"max_position_embeddings={limit}")
 
     def head(head, batch):
         logp = token_logprobs(head, batch["targets"], batch["loss_mask"], tp_group=ctx.tp_group,

@@ -110,6 +110,9 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                       ref_rejected_logps / nr)
     dpo_losses, chosen_rewards, rejected_rewards = dpo_loss(
         *dpo_inputs, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+    if dpo_inputs[0] is not policy_chosen_logps:  # logged rewards keep their meaning: sequence sums
+        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+        rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     gate = constraint_gate(constraint, policy_chosen_logps, ref_chosen_logps, epsilon)
     if constraint == "none":
         # Nothing is added, not even 0 * logp: the loss is bit-identical to plain DPO.

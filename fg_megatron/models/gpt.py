@@ -23,6 +23,8 @@ DEFAULT_VOCAB_PAD_MULTIPLE = 128
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE) -> int:
     """Megatron's padding: a multiple of ``multiple * tp`` so every TP shard is equal."""
+    if multiple < 1 or tp < 1:
+        raise ValueError(f"vocabulary pad multiple and TP must be >= 1 (got {multiple}, {tp})")
     step = multiple * tp
     return ((vocab_size + step - 1) // step) * step
 

@@ -5,9 +5,10 @@ Layout of ``SAVE/checkpoints/``::
     latest                       name of the newest complete checkpoint
     step_000040/
         model/                   an fg checkpoint (``convert_checkpoint.py fg-to-hf`` exports it)
-        optim_tp00_pp00_dp00.*   optimizer state of each rank that owns one
+        optim_tp00_pp00.*        optimizer state per (TP rank, PP stage), from DP replica 0
+        optim_params_tp00_pp00.* distributed optimizer only: its DP-sharded state, gathered
         rng_rank00000.*          RNG states of each rank
-        trainer_state.json       step, data position, scheduler, consumed samples
+        trainer_state.json       step, data position, scheduler, the run's config
 
 A checkpoint is written into ``.step_000040.tmp`` and renamed when every rank
 has finished; ``latest`` is replaced atomically afterwards.  A run killed while
@@ -98,9 +99,14 @@ def save_checkpoint(engine: Engine, model_meta, arch, save_dir: Path, step: int,
     save_model(engine.module, arch, model_meta, tmp / "model", ctx,
                extra={"step": step, "trainer": trainer_state.get("trainer")})
     fault_point("save", step)
-    rank_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp{ctx.dp_rank:02d}"
-    if ctx.dp_rank == 0 or engine.model.ddp_config.use_distributed_optimizer:
-        save_state(engine.optimizer.state_dict(), tmp / f"optim_{rank_tag}")
+    model_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}"
+    if ctx.dp_rank == 0:  # the replicated optimizer's state (or the distributed one's common part)
+        save_state(engine.optimizer.state_dict(), tmp / f"optim_{model_tag}")
+    if _distributed_optimizer(engine):
+        # Adam moments and fp32 main params live sharded over DP; gathered on DP rank 0.
+        param_state = engine.optimizer.get_parameter_state_dp_zero()
+        if ctx.dp_rank == 0:
+            save_state(param_state, tmp / f"optim_params_{model_tag}")
     save_state(rng_state(), tmp / f"rng_rank{ctx.rank:05d}")
     if ctx.is_main:
         state = dict(trainer_state, step=step, scheduler=engine.scheduler.state_dict(),
@@ -112,17 +118,27 @@ def save_checkpoint(engine: Engine, model_meta, arch, save_dir: Path, step: int,
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(_step_name(step), encoding="utf-8")
         os.replace(pointer, root / LATEST)
-        _prune(root, keep_last)
+        _prune(root, keep_last, final)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep_last: int) -> None:
+def _distributed_optimizer(engine: Engine) -> bool:
+    return bool(engine.model.ddp_config.use_distributed_optimizer)
+
+
+def _prune(root: Path, keep_last: int, current: Path) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``current`` (which ``latest`` names)."""
     if keep_last <= 0:
         return
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name <= current.name)
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def existing_checkpoints(save_dir: Path) -> list[Path]:
+    root = Path(save_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
 
 
 def latest_checkpoint(save_dir: Path) -> Optional[Path]:
@@ -150,11 +166,11 @@ def load_checkpoint(engine: Engine, path: Path) -> dict:
     names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
     load_stage_state(engine.module, ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names),
                      str(path / "model"))
-    rank_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp{ctx.dp_rank:02d}"
-    optim_file = path / f"optim_{rank_tag}"
-    if not optim_file.with_suffix(".json").is_file():  # replicated optimizer: DP replica 0's copy
-        optim_file = path / f"optim_tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}_dp00"
-    engine.optimizer.load_state_dict(load_state(optim_file))
+    model_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}"
+    engine.optimizer.load_state_dict(load_state(path / f"optim_{model_tag}"))
+    if _distributed_optimizer(engine):
+        param_state = load_state(path / f"optim_params_{model_tag}") if ctx.dp_rank == 0 else None
+        engine.optimizer.load_parameter_state_from_dp_zero(param_state)
     engine.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(load_state(path / f"rng_rank{ctx.rank:05d}"))
     return state

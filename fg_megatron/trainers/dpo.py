@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from fg_megatron.checkpoint.load import load_model
+from fg_megatron.checkpoint.mapping import CheckpointMismatchError
 from fg_megatron.config import DPORunConfig
 from fg_megatron.config.cli import resolve_path
 from fg_megatron.data import MicroBatchStream, PreferenceDataset
@@ -71,7 +72,7 @@ class DPOTask:
         model, arch, _ = load_model(self._reference_path(), self.run.ctx, dtype=self.run.dtype,
                                     vocab_pad_multiple=self.cfg.model.vocab_pad_multiple)
         if (arch.vocab_size, arch.family) != (self.run.arch.vocab_size, self.run.arch.family):
-            raise ValueError(f"dpo.reference_load {self._reference_path()}: {arch.family} with vocabulary "
+            raise CheckpointMismatchError(f"dpo.reference_load {self._reference_path()}: {arch.family} with vocabulary "
                              f"{arch.vocab_size} does not match the policy ({self.run.arch.family}, "
                              f"{self.run.arch.vocab_size})")
         model.eval()

@@ -66,7 +66,8 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_dist_opt,
-        # Average over DP inside the collective so the loss is a global-batch mean.
+        # Gradients are scaled by 1/DP before the sum-reduction, so together with the
+        # schedule's 1/micro-batches the loss gradient is that of a global-batch mean.
         average_in_collective=False,
     )
     ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
@@ -87,7 +88,7 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
         use_distributed_optimizer=use_dist_opt,
         log_num_zeros_in_grad=False,
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=use_dist_opt)
     decay_steps = max(total_steps, 1)
     warmup = optim.warmup_steps
     if warmup >= decay_steps:

@@ -20,11 +20,11 @@ import torch.distributed as dist
 from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
 from fg_megatron.checkpoint.tokenizer import load_tokenizer
-from fg_megatron.config import save_config
+from fg_megatron.config import ConfigError, save_config, to_dict
 from fg_megatron.parallel import ParallelContext, get_logger
 from fg_megatron.schedule import Batch, HeadFn
-from fg_megatron.trainers.checkpointing import (fault_point, latest_checkpoint, load_checkpoint,
-                                                save_checkpoint)
+from fg_megatron.trainers.checkpointing import (existing_checkpoints, fault_point, latest_checkpoint,
+                                                load_checkpoint, save_checkpoint)
 from fg_megatron.trainers.engine import Engine, build_engine, model_dtype, train_step
 from fg_megatron.trainers.metrics import MetricsWriter, summary_table
 
@@ -69,7 +69,7 @@ class Task(Protocol):
 
 def reduce_sums(ctx: ParallelContext, keys: tuple[str, ...], values: Optional[dict]) -> dict[str, float]:
     """Sum ``values`` (given by the ranks that own a share, None elsewhere) over the world."""
-    vec = torch.zeros(len(keys), dtype=torch.float64)
+    vec = torch.zeros(len(keys), dtype=torch.float64, device=ctx.device)
     if values is not None:
         for i, k in enumerate(keys):
             vec[i] = float(values.get(k, 0.0))
@@ -83,8 +83,45 @@ def owns_outputs(ctx: ParallelContext) -> bool:
     return ctx.is_last_stage and ctx.tp_rank == 0
 
 
+# Fields a resumed run must share with the run it continues (the data order and
+# the objective would silently change otherwise).
+RESUME_INVARIANTS = ("model.load", "data.train", "data.format", "data.max_prompt_length",
+                     "data.max_response_length", "data.chat_template", "train.global_batch_size", "train.seed")
+
+
+def _dotted(tree: dict, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def check_save_dir(cfg: Any) -> None:
+    """A fresh run never writes into another run's checkpoints."""
+    existing = existing_checkpoints(Path(cfg.train.save))
+    if existing and not cfg.train.resume:
+        raise ConfigError(f"train.save={cfg.train.save} already holds checkpoints ({existing[-1].name}); "
+                          f"pass --resume to continue that run, or choose another --save")
+
+
+def check_resume_config(cfg: Any, saved: Optional[dict], ckpt: Path) -> None:
+    if not saved:
+        return
+    now = to_dict(cfg)
+    for key in RESUME_INVARIANTS:
+        if _dotted(saved, key) != _dotted(now, key):
+            raise ConfigError(f"{ckpt}: {key} was {_dotted(saved, key)!r} in the run being resumed, now "
+                              f"{_dotted(now, key)!r}; resume with the same value or start a new --save")
+    if _dotted(saved, "train.steps") != cfg.train.steps:
+        log.warning("train.steps changed from %s to %s: the checkpoint's learning-rate schedule is kept",
+                    _dotted(saved, "train.steps"), cfg.train.steps)
+
+
 def setup_run(cfg: Any) -> Run:
+    check_save_dir(cfg)
     ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
+                          f"data-parallel size {ctx.dp} x train.micro_batch_size={cfg.train.micro_batch_size}")
     dtype = model_dtype(cfg.model.dtype)
     model, arch, meta = load_model(cfg.model.load, ctx, dtype=dtype,
                                    vocab_pad_multiple=cfg.model.vocab_pad_multiple,
@@ -114,6 +151,7 @@ def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
             log.info("--resume: no checkpoint in %s, starting from step 0", run.save_dir / "checkpoints")
         else:
             state = load_checkpoint(engine, ckpt)
+            check_resume_config(cfg, state.get("config"), ckpt)
             task.load_state_dict(state["task"])
             run.start_step = int(state["step"])
             log.info("resumed from %s (step %d)", ckpt, run.start_step)
@@ -138,7 +176,8 @@ def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
             history.append(metrics)
             if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save_checkpoint(engine, run.meta, run.arch, run.save_dir, step,
-                                {"task": task.state_dict(), "trainer": task.name}, cfg.train.keep_last)
+                                {"task": task.state_dict(), "trainer": task.name, "config": to_dict(cfg)},
+                                cfg.train.keep_last)
             fault_point("step", step)
     finally:
         writer.close()

@@ -52,7 +52,8 @@ class SFTTask:
 
     def head_fn(self, step: int, microbatches: list[Batch]):
         ctx = self.run.ctx
-        local = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in microbatches)), dtype=torch.float64)
+        local = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in microbatches)), dtype=torch.float64,
+                             device=ctx.device)
         if ctx.dp > 1:
             dist.all_reduce(local, group=ctx.dp_group)
         # The schedule divides by the micro-batch count and DP averages: undo both so the
