@@ -22,7 +22,7 @@ if __name__ == "__main__":
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "assets/tiny/pi0"))
-    p.add_argument("--save", default=str(ROOT / "runs/sft_tiny"))
+    p.add_argument("--save", default=str(ROOT / "runs/pi0_tiny"))
     p.add_argument("--steps", type=int, default=None)
     args = p.parse_args()
     write_init_model(ROOT / "assets/tiny/init", ROOT / "assets/tiny/tokenizer")
