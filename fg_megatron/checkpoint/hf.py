@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fg_megatron.checkpoint.mapping import CheckpointMismatchError
+from fg_megatron.checkpoint.mapping import CheckpointMismatchError, read_json_object
 from fg_megatron.checkpoint.safetensors_io import SafetensorsFile, StreamingWriter, TensorSpec
 
 CONFIG_FILE = "config.json"
@@ -32,16 +32,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def read_hf_config(hf_dir: Path) -> dict:
-    path = Path(hf_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointMismatchError(f"{hf_dir}: no {CONFIG_FILE} (not an HF model directory)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointMismatchError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointMismatchError(f"{path}: expected a JSON object")
-    return config
+    return read_json_object(Path(hf_dir) / CONFIG_FILE,
+                            f"{hf_dir}: no {CONFIG_FILE} (not an HF model directory)")
 
 
 class HFWeights:

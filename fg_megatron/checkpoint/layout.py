@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fg_megatron.checkpoint.mapping import CheckpointMismatchError
+from fg_megatron.checkpoint.mapping import CheckpointMismatchError, read_json_object
 from fg_megatron.checkpoint.safetensors_io import SafetensorsFile, TensorSpec
 from fg_megatron.models import family_module, sharding
 from fg_megatron.models.adapter import StateDictAdapter
@@ -89,13 +89,8 @@ def is_fg_checkpoint(path: Path) -> bool:
 
 def read_meta(path: Path) -> CheckpointMeta:
     meta_path = Path(path) / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointMismatchError(f"{path}: not an fg checkpoint (no {META_FILE})")
-    try:
-        raw = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointMismatchError(f"{meta_path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+    raw = read_json_object(meta_path, f"{path}: not an fg checkpoint (no {META_FILE})")
+    if raw.get("format") != FORMAT_NAME:
         raise CheckpointMismatchError(f"{meta_path}: field 'format' must be {FORMAT_NAME!r}")
     if raw.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(

@@ -6,6 +6,8 @@ stream checkpoints larger than memory.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from torch import Tensor
@@ -16,6 +18,19 @@ from fg_megatron.models.adapter import StateDictAdapter
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint that does not fit the model or layout it is loaded into."""
+
+
+def read_json_object(path: Path, missing: str) -> dict:
+    """A checkpoint's JSON metadata file; ``missing`` is the error when it is absent."""
+    if not path.is_file():
+        raise CheckpointMismatchError(missing)
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointMismatchError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise CheckpointMismatchError(f"{path}: expected a JSON object")
+    return value
 
 
 def megatron_from_hf(adapter: StateDictAdapter, get_hf: Callable[[str], Optional[Tensor]],
