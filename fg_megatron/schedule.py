@@ -1,49 +1,68 @@
 """Run micro-batches through megatron-core's forward/backward schedules.
 
-One function serves scoring (forward only), reference log-probs and training
-(forward + backward), for any TP x PP layout.  The caller supplies a
-``head_fn(head, batch) -> (loss, stats)`` that runs on the last pipeline stage;
-megatron-core's step contract (``forward_step -> (output, loss_func)``) is kept
-inside this module.
+The one schedule of the project: training (forward + backward), scoring,
+reference passes, values and generation steps all go through
+:func:`run_microbatches`, for any TP x PP layout.  The model gets the batch's
+``attention_mask`` when it has one (generation's padding masks; training and
+scoring batches are right-padded and need only the causal mask) and an
+optional inference context (the KV cache).
+
+What the last pipeline stage computes is the caller's function of the stage's
+output (an ``LMHead``, a ``ValueHead``, ...) and the batch:
+
+- ``forward_only=True``: ``fn(head, batch) -> anything``; the results come back
+  in micro-batch order.
+- training: ``fn(head, batch) -> (loss_sum, count, stats)``.  This is
+  megatron-core's 3-value ``loss_func`` contract with
+  ``calculate_per_token_loss=True`` (set by the engine): the schedule neither
+  divides by the number of micro-batches nor by DP; ``finalize_model_grads``
+  all-reduces the counts over DP and scales every gradient by ``1 / sum(count)``.
+  So the gradient is that of ``sum(loss_sum) / sum(count)`` over the global
+  batch, whatever the layout or the micro-batch sizes: a task returns sums and
+  a count and never normalises itself.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from fg_megatron import platform
-from fg_megatron.models.gpt import LMHead
 
-Batch = dict[str, Tensor]
-HeadFn = Callable[[LMHead, Batch], tuple[Tensor, dict]]
+Batch = dict[str, Any]
+LastStageFn = Callable[[Any, Batch], Any]
+LossFn = Callable[[Any, Batch], tuple[Tensor, Tensor, Any]]
 
 
-def _forward_step(head_fn: HeadFn, data_iterator, model):
+def _forward_step(fn: Callable, forward_only: bool, inference_context, data_iterator, model):
     batch = to_device(next(data_iterator), platform.default_device())
-    output = model(batch["input_ids"], batch["position_ids"], None)
-    return output, partial(_loss_func, head_fn, batch)
+    kwargs = {} if inference_context is None else {"inference_context": inference_context}
+    output = model(batch["input_ids"], batch["position_ids"], batch.get("attention_mask"), **kwargs)
+    return output, partial(_forward_only_func if forward_only else _loss_func, fn, batch)
 
 
-def _loss_func(head_fn: HeadFn, batch: Batch, head: LMHead):
-    loss, stats = head_fn(head, batch)
-    # The 2-value contract: the schedule divides ``loss`` in place by the number
-    # of micro-batches, so stats must not alias it.
-    return loss, stats
+def _forward_only_func(fn: LastStageFn, batch: Batch, head):
+    return torch.zeros((), device=platform.default_device()), fn(head, batch)
 
 
-def run_microbatches(model, microbatches: list[Batch], head_fn: HeadFn, *,
-                     forward_only: bool) -> list[dict]:
+def _loss_func(fn: LossFn, batch: Batch, head):
+    loss_sum, count, stats = fn(head, batch)
+    # megatron accumulates the counts in an int tensor and divides the gradients by their sum.
+    count = torch.as_tensor(count, device=loss_sum.device).detach().round().to(torch.int)
+    return loss_sum, count, stats
+
+
+def run_microbatches(model, microbatches: list[Batch], fn: Callable, *, forward_only: bool,
+                     inference_context: Optional[Any] = None) -> list:
     """Forward (and backward unless ``forward_only``) over ``microbatches``.
 
-    ``model`` is this rank's stage (optionally DDP-wrapped).  Every rank of a
+    ``model`` is this rank's stage (DDP-wrapped for training).  Every rank of a
     model-parallel group passes the same micro-batches.  Returns, on the last
-    pipeline stage, the ``stats`` of each micro-batch (an empty list elsewhere).
-    The loss returned by ``head_fn`` is the micro-batch's contribution to the
-    global-batch loss times the number of micro-batches (the schedule divides).
+    pipeline stage, what ``fn`` returned for each micro-batch (``stats`` when
+    training), and an empty list elsewhere.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -51,11 +70,10 @@ def run_microbatches(model, microbatches: list[Batch], head_fn: HeadFn, *,
         return []
     seq_length = max(int(mb["input_ids"].shape[1]) for mb in microbatches)
     micro_batch_size = int(microbatches[0]["input_ids"].shape[0])
-    forward_backward = get_forward_backward_func()
     context = torch.no_grad() if forward_only else torch.enable_grad()
     with context:
-        stats = forward_backward(
-            forward_step_func=partial(_forward_step, head_fn),
+        out = get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, fn, forward_only, inference_context),
             data_iterator=iter(microbatches),
             model=[model],
             num_microbatches=len(microbatches),
@@ -63,7 +81,7 @@ def run_microbatches(model, microbatches: list[Batch], head_fn: HeadFn, *,
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
-    return list(stats or [])
+    return list(out or [])
 
 
 def position_ids_like(input_ids: Tensor) -> Tensor:

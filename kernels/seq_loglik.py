@@ -43,7 +43,6 @@ backward: O(N + V) extra memory beyond the inputs.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from types import ModuleType
@@ -54,9 +53,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 IMPLS = ("torch", "triton")
-# Finite "empty shard" maximum: exp(_NEG - M) underflows to exactly 0 while
-# exp(_NEG - _NEG) stays 1 (an -inf sentinel would give nan there).
-_NEG = -1.0e30
 
 
 class SeqLogLikInputError(ValueError):
@@ -100,10 +96,15 @@ def load_backend(impl: str) -> ModuleType:
     """
     if impl not in IMPLS:
         raise SeqLogLikInputError(f"seq_loglik impl must be one of {IMPLS}, got {impl!r}")
-    name = f"{__name__.rpartition('.')[0]}.seq_loglik_{impl}"
-    if impl == "triton" and not torch.cuda.is_available() and name not in sys.modules:
+    if impl == "torch":
+        from fg_megatron_kernels import seq_loglik_torch
+
+        return seq_loglik_torch
+    if not torch.cuda.is_available() and "fg_megatron_kernels.seq_loglik_triton" not in sys.modules:
         _use_triton_interpreter()
-    return importlib.import_module(name)
+    from fg_megatron_kernels import seq_loglik_triton
+
+    return seq_loglik_triton
 
 
 def _tp_size(group: Optional[dist.ProcessGroup]) -> int:

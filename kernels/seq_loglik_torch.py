@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fg_megatron_kernels.seq_loglik import _NEG, seq_loglik
+from fg_megatron_kernels.seq_loglik_common import EMPTY_SHARD_MAX
 
 # Elements of the one logits tile buffer: 4 Mi fp32 = 16 MiB.  Measured on 2
 # CPU cores at N=4096, d=1024, V=32000: 2 Mi-element tiles cost ~12% more time.
@@ -63,7 +63,7 @@ def shard_stats(h: Tensor, w: Tensor, y: Tensor, *, chunk_elems: Optional[int] =
     the first chunk's maximum, exactly as they would next to the true maximum).
     """
     n, v = h.shape[0], w.shape[0]
-    m = torch.full((n,), _NEG, dtype=torch.float32, device=h.device)
+    m = torch.full((n,), EMPTY_SHARD_MAX, dtype=torch.float32, device=h.device)
     s = torch.zeros(n, dtype=torch.float32, device=h.device)
     t = torch.zeros(n, dtype=torch.float32, device=h.device)
     if n == 0 or v == 0:
@@ -128,8 +128,3 @@ def shard_grads(h: Tensor, w: Tensor, y: Tensor, lse: Tensor, g: Tensor, *, need
                 dw[c0:c0 + cv].addmm_(q.t(), h_t)
     return dh, dw
 
-
-def seq_loglik_torch(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Optional[Tensor] = None,
-                     **kwargs) -> Tensor:
-    """:func:`~fg_megatron_kernels.seq_loglik.seq_loglik` with ``impl="torch"``."""
-    return seq_loglik(hidden, weight, targets, mask, impl="torch", **kwargs)

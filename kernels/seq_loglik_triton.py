@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fg_megatron_kernels.seq_loglik import _NEG, seq_loglik
+from fg_megatron_kernels.seq_loglik_common import EMPTY_SHARD_MAX
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Elements of one [N, V_c] logit-gradient chunk in the backward (256 MiB of bf16).
@@ -98,7 +98,7 @@ def _stats_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, N, V, D, stride_h, s
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
-    m_i = tl.full((BLOCK_N,), -1.0e30, dtype=tl.float32)  # finite: see seq_loglik._NEG
+    m_i = tl.full((BLOCK_N,), -1.0e30, dtype=tl.float32)  # finite: see seq_loglik_common.EMPTY_SHARD_MAX
     s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     n_vblocks = tl.cdiv(V, BLOCK_V)
@@ -170,7 +170,7 @@ def shard_stats(h: Tensor, w: Tensor, y: Tensor, *, chunk_elems: Optional[int] =
     """
     n, v, d = h.shape[0], w.shape[0], h.shape[1]
     p = _parts(n, v, h.device)
-    m = torch.full((p, n), _NEG, dtype=torch.float32, device=h.device)
+    m = torch.full((p, n), EMPTY_SHARD_MAX, dtype=torch.float32, device=h.device)
     s = torch.zeros((p, n), dtype=torch.float32, device=h.device)
     t = torch.zeros((p, n), dtype=torch.float32, device=h.device)
     if n == 0 or v == 0:
@@ -227,8 +227,3 @@ def shard_grads(h: Tensor, w: Tensor, y: Tensor, lse: Tensor, g: Tensor, *, need
                 dh.add_(grad @ w_mm)  # 16-bit GEMM (fp32 inside), summed over chunks in fp32
     return dh, dw
 
-
-def seq_loglik_triton(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Optional[Tensor] = None,
-                      **kwargs) -> Tensor:
-    """:func:`~fg_megatron_kernels.seq_loglik.seq_loglik` with ``impl="triton"``."""
-    return seq_loglik(hidden, weight, targets, mask, impl="triton", **kwargs)

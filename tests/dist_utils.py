@@ -45,3 +45,15 @@ def torchrun_json(script: str | Path, nproc: int, *args: str, out: Path, **kwarg
     """Run a script that writes its result as JSON to ``--out``; return it."""
     torchrun(script, nproc, *args, "--out", str(out), **kwargs)
     return json.loads(Path(out).read_text())
+
+
+def read_metrics(save: Path) -> list[dict]:
+    """A training run's ``metrics.jsonl``, one dict per step."""
+    return [json.loads(line) for line in (Path(save) / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli_error(script: Path, *args: str) -> str:
+    """Run an entry point in one process that must fail with a user error (exit 2); its last line."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]

@@ -14,7 +14,7 @@ import yaml
 
 from chatglm_assets import CVALUES_ZH, make_chatglm_tokenizer
 from dist_utils import ROOT, torchrun
-from tiny_models import hf_model, save_chatglm_original
+from tiny_models import hf_model, row_token_ids, save_chatglm_original, write_rows
 
 NAME = "glm_mqa_bias"
 
@@ -29,8 +29,6 @@ def model_dir(tmp_path_factory):
 @pytest.mark.distributed
 def test_score_matches_transformers(model_dir, tmp_path):
     from fg_megatron.checkpoint.tokenizer import load_tokenizer
-    from fg_megatron.data.tokenize import tokenize_example
-
     tok = load_tokenizer(model_dir)
     chat = tok.apply_chat_template([{"role": "user", "content": "如何提高睡眠质量？"}], tokenize=False,
                                    add_generation_prompt=True)
@@ -39,16 +37,11 @@ def test_score_matches_transformers(model_dir, tmp_path):
         {"prompt": chat, "response": "保持规律作息，睡前不看手机。", "id": "样本"},
         {"prompt_ids": [501, 503, 506, 7, 300], "response_ids": [40, 41, 2]},
     ]
-    data = tmp_path / "输入.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    data = write_rows(rows, tmp_path / "输入.jsonl")
     model = hf_model(NAME)
     expected = []
     for r in rows:
-        if "prompt_ids" in r:
-            p, resp = r["prompt_ids"], r["response_ids"]
-        else:
-            ex = tokenize_example(tok, r["prompt"], r["response"], 128, 128)
-            p, resp = list(ex.prompt_ids), list(ex.response_ids)
+        p, resp = row_token_ids(tok, r)
         ids = torch.tensor([p + resp])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits.double(), dim=-1)[0]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fg_megatron.config import ConfigError, DPORunConfig, SFTRunConfig, load_config
+from fg_megatron.config import ConfigError, DPORunConfig, RMRunConfig, SFTRunConfig, load_config
 from fg_megatron.config.cli import PREFERENCE_FLAGS, parse_run_config, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +14,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_points_at_real_files(path):
-    cls = DPORunConfig if path.name.startswith("dpo") else SFTRunConfig
+    kinds = {"dpo": DPORunConfig, "rm": RMRunConfig}
+    cls = kinds.get(path.name.split("_")[0], SFTRunConfig)
     cfg = load_config(cls, path)
     assert Path(resolve_path(cfg.data.train)).is_file(), cfg.data.train
     if cfg.model.load != "assets/tiny/init":  # built by tools/make_tiny_pi0.py

@@ -5,12 +5,12 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from dist_utils import ROOT, torchrun
+from tiny_models import SCORE_ROWS, row_token_ids, write_rows
 
 TOKENIZER = ROOT / "assets/tiny/tokenizer"
 
@@ -18,8 +18,6 @@ TOKENIZER = ROOT / "assets/tiny/tokenizer"
 @pytest.fixture(scope="module")
 def scoring_setup(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from fg_megatron.data.tokenize import tokenize_example
 
     tmp = tmp_path_factory.mktemp("score")
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
@@ -31,22 +29,11 @@ def scoring_setup(tmp_path_factory):
     model_dir = tmp / "model"
     model.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
-    rows = [
-        {"prompt": "\n\nHuman: What is 3 plus 4?\n\nAssistant:", "response": " 7"},
-        {"prompt": "\n\nHuman: Reverse the word cat.\n\nAssistant:", "response": " tac", "id": "x"},
-        {"prompt_ids": [5, 17, 300, 2], "response_ids": [40, 41, 42, 43, 44]},
-        {"prompt": "\n\nHuman: 你好\n\nAssistant:", "response": " I cannot help with that."},
-        {"prompt_ids": [9], "response_ids": [1000]},
-    ]
-    data = tmp / "in.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    rows = SCORE_ROWS
+    data = write_rows(rows, tmp / "in.jsonl")
     expected = []
     for r in rows:
-        if "prompt_ids" in r:
-            p, resp = r["prompt_ids"], r["response_ids"]
-        else:
-            ex = tokenize_example(tok, r["prompt"], r["response"], 128, 128)
-            p, resp = list(ex.prompt_ids), list(ex.response_ids)
+        p, resp = row_token_ids(tok, r)
         ids = torch.tensor([p + resp])
         with torch.no_grad():
             logp = torch.log_softmax(model(ids).logits.double(), dim=-1)[0]

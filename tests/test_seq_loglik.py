@@ -9,9 +9,8 @@ The Triton backend runs under the Triton interpreter without a GPU.
 import pytest
 import torch
 
-from fg_megatron.logprobs import kernels_module
+import fg_megatron_kernels.seq_loglik as seq_loglik_mod
 
-seq_loglik_mod = kernels_module()
 seq_loglik = seq_loglik_mod.seq_loglik
 IMPLS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -191,8 +190,7 @@ def test_triton_impl_works_when_triton_was_imported_first():
         "import triton.language as tl, torch\n"
         "from triton.runtime.interpreter import InterpretedFunction\n"
         "assert not isinstance(tl.zeros, InterpretedFunction)  # compiled mode, as megatron leaves it\n"
-        "from fg_megatron.logprobs import kernels_module\n"
-        "sl = kernels_module()\n"
+        "import fg_megatron_kernels.seq_loglik as sl\n"
         "h, w, y = torch.randn(37, 45), torch.randn(301, 45) * 0.4, torch.randint(0, 301, (37,))\n"
         "a, b = sl.seq_loglik(h, w, y, impl='triton'), sl.seq_loglik(h, w, y, impl='torch')\n"
         "print(float((a - b).abs().max() / b.abs().max()))\n")

@@ -42,20 +42,23 @@ def test_transformers_imports_with_repo_root_on_path():
     assert out.strip() == "False (1, 6, 50)"
 
 
-def test_kernels_load_from_a_bare_source_tree():
-    """Without the editable install's finder, fg_megatron.logprobs maps the folder itself."""
-    out = _run(
-        "import sys; sys.path.insert(0, '.')\n"
-        # hide `pip install -e`: its meta-path finder and its namespace path hook
-        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
-        "sys.path[:] = [p for p in sys.path if '__editable__' not in p]\n"
-        "sys.path_importer_cache.clear()\n"
-        "import importlib.util\n"
-        "assert importlib.util.find_spec('fg_megatron_kernels') is None\n"
-        "from fg_megatron.logprobs import kernels_module\n"
-        "m = kernels_module()\n"
-        "from fg_megatron_kernels import seq_loglik_torch\n"
-        "print(m.__name__, m.__file__, seq_loglik_torch.__file__)\n")
-    name, path, torch_path = out.split()
-    assert name == "fg_megatron_kernels.seq_loglik"
-    assert Path(path) == ROOT / "kernels" / "seq_loglik.py" and Path(torch_path).parent == ROOT / "kernels"
+def test_kernels_are_an_ordinary_package():
+    """fg_megatron imports ``fg_megatron_kernels`` like any installed package: no loading by
+    file path, and the backends import nothing private (nor anything at all) from the
+    dispatcher that loads them."""
+    import ast
+
+    for path in (ROOT / "fg_megatron").rglob("*.py"):
+        text = path.read_text()
+        assert "spec_from_file_location" not in text and "submodule_search_locations" not in text, path
+    for name in ("seq_loglik_torch.py", "seq_loglik_triton.py"):
+        tree = ast.parse((ROOT / "kernels" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module != "fg_megatron_kernels.seq_loglik", f"{name} imports back from the dispatcher"
+                if node.module.startswith("fg_megatron_kernels"):
+                    assert all(not a.name.startswith("_") for a in node.names), f"{name}: private import"
+    out = _run("import fg_megatron.logprobs as lp, fg_megatron_kernels.seq_loglik as sl\n"
+               "print(sl.__file__, lp.seq_loglik is sl.seq_loglik)\n")
+    path, same = out.split()
+    assert Path(path) == ROOT / "kernels" / "seq_loglik.py" and same == "True"

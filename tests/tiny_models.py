@@ -59,7 +59,10 @@ def hf_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = hf_config(name)
     cfg.initializer_range = 0.2
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return _perturbed(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
+
+
+def _perturbed(model):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -69,15 +72,44 @@ def hf_model(name: str, seed: int = 0):
     return model
 
 
-def save_hf_model(name: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
-    model = hf_model(name, seed)
+# --- value-head models: transformers' *ForSequenceClassification with one label ------------
+# Llama (untied and tied config), Mistral (sliding window), GLM (QKV bias, partial rotary).
+VALUE_VARIANTS = ("llama_gqa_untied", "llama_mha_tied", "mistral_window", "glm_mqa_bias")
+PAD_ID = 0  # real tokens are drawn from 1..V-1 so transformers' pooling finds each row's last one
+
+
+def hf_value_model(name: str, seed: int = 0):
+    """A tiny random ``<Family>ForSequenceClassification`` (num_labels=1, pad_token_id 0) in fp32, eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = hf_config(name)
+    cfg.initializer_range = 0.2
+    cfg.num_labels = 1
+    cfg.pad_token_id = PAD_ID
+    return _perturbed(AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).eval())
+
+
+def save_hf_value_model(name: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    model = hf_value_model(name, seed)
     model.save_pretrained(out, safe_serialization=True)
+    _copy_tokenizer(tokenizer_dir, out)
+    return Path(out)
+
+
+def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
     if tokenizer_dir is not None:
         import shutil
 
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file() and f.name != "config.json":
-                shutil.copy(f, out / f.name)
+                shutil.copy(f, Path(out) / f.name)
+
+
+def save_hf_model(name: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    model = hf_model(name, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    _copy_tokenizer(tokenizer_dir, out)
     return Path(out)
 
 
@@ -191,3 +223,31 @@ def save_chatglm_original(name: str, out: Path, seed: int = 0, fmt: str = "safet
             if f.is_file() and f.name != "config.json":
                 shutil.copy(f, out / f.name)
     return out
+
+
+# Rows for tools/score.py tests: text and pre-tokenised, ASCII and not, of different lengths.
+SCORE_ROWS = [
+    {"prompt": "\n\nHuman: What is 3 plus 4?\n\nAssistant:", "response": " 7"},
+    {"prompt": "\n\nHuman: Reverse the word cat.\n\nAssistant:", "response": " tac", "id": "x"},
+    {"prompt_ids": [5, 17, 300, 2], "response_ids": [40, 41, 42, 43, 44]},
+    {"prompt": "\n\nHuman: 你好\n\nAssistant:", "response": " I cannot help with that."},
+    {"prompt_ids": [9], "response_ids": [1000]},
+]
+
+
+def write_rows(rows, path: Path) -> Path:
+    """JSONL, UTF-8, non-ASCII kept as is."""
+    import json
+
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return Path(path)
+
+
+def row_token_ids(tok, row: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a score row exactly as score.py and training tokenise it."""
+    from fg_megatron.data.tokenize import tokenize_example
+
+    if "prompt_ids" in row:
+        return list(row["prompt_ids"]), list(row["response_ids"])
+    ex = tokenize_example(tok, row["prompt"], row["response"], 128, 128)
+    return list(ex.prompt_ids), list(ex.response_ids)

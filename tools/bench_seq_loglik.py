@@ -105,9 +105,7 @@ def step_fn(impl: str, a, inputs):
             nll = tensor_parallel.vocab_parallel_cross_entropy((h @ w.t()).float()[:, None, :], y[:, None], 0.0)
             (-nll[:, 0] * up).sum().backward()
     elif impl in ("torch", "triton"):
-        from fg_megatron.logprobs import kernels_module
-
-        seq_loglik = kernels_module().seq_loglik
+        from fg_megatron_kernels.seq_loglik import seq_loglik
 
         def run():
             (seq_loglik(h, w, y, impl=impl, chunk_elems=a.chunk_elems) * up).sum().backward()

@@ -1,6 +1,6 @@
 """Convert checkpoints between HF and fg_megatron layouts, streaming tensor by tensor.
 
-    python tools/convert_checkpoint.py hf-to-fg --hf DIR --out CKPT --tp T --pp P
+    python tools/convert_checkpoint.py hf-to-fg --hf DIR --out CKPT --tp T --pp P [--head value]
     python tools/convert_checkpoint.py fg-to-hf --ckpt CKPT --out DIR [--layout chatglm]
     python tools/convert_checkpoint.py reshard --ckpt CKPT --out CKPT2 --tp T --pp P
 
@@ -10,7 +10,10 @@ Outputs are written to a temporary directory and renamed into place when
 complete.  The family comes from the HF ``config.json`` (``model_type``): ``llama``,
 ``mistral``, ``glm`` and original ChatGLM3 checkpoints (``chatglm``, also from sharded
 ``.bin`` files).  A GLM model is exported in transformers' ``glm`` layout unless
-``--layout chatglm`` asks for the original one.
+``--layout chatglm`` asks for the original one.  ``*ForSequenceClassification``
+checkpoints with one label (reward models, critics) convert like causal LMs;
+``hf-to-fg --head value`` on a causal LM seeds such a value model from it (LM head
+dropped, zero value head, sequence-classification config.json).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = sub.add_parser("hf-to-fg", help="HF directory -> fg checkpoint")
     p.add_argument("--hf", type=Path, required=True, help="HF model directory (config.json + safetensors; ChatGLM: or .bin)")
+    p.add_argument("--head", choices=["lm", "value"], default=None,
+                   help="the model's head (default: the checkpoint's own); value on a causal LM seeds a "
+                        "reward model / critic with a zero value head")
     common(p)
     layout(p, 1)
     p = sub.add_parser("fg-to-hf", help="fg checkpoint -> HF directory")
@@ -79,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "hf-to-fg":
             convert.hf_to_fg(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
-                             vocab_pad_multiple=args.vocab_pad_multiple or convert.DEFAULT_VOCAB_PAD_MULTIPLE)
+                             vocab_pad_multiple=args.vocab_pad_multiple or convert.DEFAULT_VOCAB_PAD_MULTIPLE,
+                             head=args.head)
         elif args.command == "fg-to-hf":
             convert.fg_to_hf(args.ckpt, args.out, dtype=dtype, force=args.force,
                              max_shard_bytes=int(args.max_shard_size_gb * 1024**3), layout=args.layout)

@@ -7,15 +7,8 @@ Steps: random init -> torchrun tools/train_sft.py --config configs/pi0_tiny.yaml
 """
 
 import argparse
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
-from fg_megatron.checkpoint.convert import fg_to_hf
-from fg_megatron.tiny import write_init_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from fg_megatron.tiny import ROOT, train_and_export, write_init_model
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,14 +19,6 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None)
     args = p.parse_args()
     write_init_model(ROOT / "assets/tiny/init", ROOT / "assets/tiny/tokenizer")
-    shutil.rmtree(args.save, ignore_errors=True)  # a fresh run, not a resume
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
-           str(ROOT / "tools/train_sft.py"), "--config", str(ROOT / "configs/pi0_tiny.yaml"),
-           "--tp", str(args.tp), "--save", args.save,
-           "--set", "train.keep_last=1"]
-    if args.steps:
-        cmd += ["--steps", str(args.steps)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    latest = (Path(args.save) / "checkpoints/latest").read_text().strip()
-    fg_to_hf(Path(args.save) / "checkpoints" / latest / "model", Path(args.out), force=True)
+    train_and_export("train_sft.py", "configs/pi0_tiny.yaml", args.save, args.out, nproc=args.nproc, tp=args.tp,
+                     steps=args.steps)
     print(f"pi0 written to {args.out}")

@@ -5,7 +5,8 @@
 
 From the committed tiny pi0: greedy responses on the test prompts, then for each
 constraint DPO with the bundled config (same seed and data), the policy's greedy
-responses, and the oracle's comparison with pi0.  Writes RESULTS.json (all
+responses, and the oracle's comparison with pi0; the tiny reward model scores
+both for the RM-based NFR (margin 0.1).  Writes RESULTS.json (all
 numbers, commands, timings), RESULTS.md (the table) and RESULTS.png (gate_rate
 and chosen-reward curves; needs matplotlib).  Intermediate files go to
 --work-dir.
@@ -30,9 +31,12 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=None, help="default: the config's")
     p.add_argument("--seed", type=int, default=None, help="default: the config's")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--reward-model", default=d.reward_model,
+                   help="reward model for the RM-based NFR (margin 0.1); 'none' to skip")
     p.add_argument("--reuse", action="store_true", help="keep outputs already in --work-dir")
     a = p.parse_args()
     settings = ExperimentSettings(pi0=a.pi0, prompts=a.prompts, config=a.config, work_dir=a.work_dir,
                                   constraints=a.constraints, nproc=a.nproc, tp=a.tp, steps=a.steps, seed=a.seed,
-                                  max_new_tokens=a.max_new_tokens, reuse=a.reuse)
+                                  max_new_tokens=a.max_new_tokens, reuse=a.reuse,
+                                  reward_model=None if a.reward_model == "none" else a.reward_model)
     run_cli(lambda: write_results(run_experiment(settings), a.results))

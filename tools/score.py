@@ -1,10 +1,12 @@
-"""Sequence log-likelihood of responses given prompts.
+"""Sequence log-likelihood of responses given prompts, or their rewards under a reward model.
 
     torchrun --nproc-per-node N tools/score.py --load PATH --tp T --pp P --data IN.jsonl --out OUT.jsonl
 
 PATH is an HF directory or an fg checkpoint.  Rows are {"prompt", "response"}
 strings or pre-tokenised {"prompt_ids", "response_ids"} (scored exactly as
-given); each output row adds "logp" and "n_tokens".
+given); each output row adds "logp" and "n_tokens".  On a value-head model
+(*ForSequenceClassification, one label) it adds "reward" (the score at the
+row's last real token) and "n_tokens" instead.
 """
 
 import argparse

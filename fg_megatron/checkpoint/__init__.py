@@ -8,5 +8,6 @@
     atomic          temp-dir-and-rename outputs
     convert         hf_to_fg, fg_to_hf, reshard (streamed)
     load            load_model / save_model for live megatron-core models
+    value_seed      a value model (reward model / critic) seeded from a causal LM
     tokenizer       load_tokenizer
 """

@@ -40,11 +40,14 @@ from fg_megatron.checkpoint.layout import (
     full_shape,
     shard_shape,
     shard_file_name,
+    store_hf_config,
     write_meta,
 )
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError, hf_from_megatron, megatron_from_hf
 from fg_megatron.checkpoint.safetensors_io import StreamingWriter, TensorSpec
-from fg_megatron.models import family_module, family_name, sharding
+from fg_megatron.checkpoint.value_seed import (LM_OUTPUT_NAME, VALUE_HEAD_NAME, seed_value_tensors,
+                                               seeded_value_config, seeds_value_head)
+from fg_megatron.models import arch_from_hf_config, family_module, sharding, state_dict_adapter
 from fg_megatron.models.adapter import StateDictAdapter
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import DEFAULT_VOCAB_PAD_MULTIPLE, padded_vocab_size
@@ -58,11 +61,9 @@ _DERIVED_HF = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 def family_of(hf_config: dict) -> tuple[str, ModelArch, StateDictAdapter]:
-    """(family, architecture, adapter) for an HF config.json dict."""
-    family = family_name(hf_config)
-    module = family_module(family)
-    arch = module.arch_from_hf_config(hf_config, family)
-    return family, arch, module.state_dict_adapter(arch)
+    """(family, architecture, adapter) for an HF config.json dict (its head included)."""
+    arch = arch_from_hf_config(hf_config)
+    return arch.family, arch, state_dict_adapter(arch)
 
 
 def expected_hf_shapes(adapter: StateDictAdapter) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -148,30 +149,44 @@ def _write_fg_shards(out: Path, names: list[str], full: Iterator[tuple[str, Tens
 
 
 def hf_to_fg(hf_dir: Path, out: Path, *, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None,
-             vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE, force: bool = False) -> CheckpointMeta:
-    """Convert an HF model directory into an fg checkpoint for a TP x PP layout."""
+             vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE, force: bool = False,
+             head: Optional[str] = None) -> CheckpointMeta:
+    """Convert an HF model directory into an fg checkpoint for a TP x PP layout.
+
+    ``head`` None keeps the model's own head; ``"value"`` on a causal LM seeds a value
+    model from it (:mod:`~fg_megatron.checkpoint.value_seed`); ``"lm"`` on a value model
+    is an error."""
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)
-    family, arch, adapter = family_of(hf_config)
+    seeding = seeds_value_head(hf_config, head, str(hf_dir))
+    family, arch, src_adapter = family_of(hf_config)  # reads the source's tensors
+    out_config = seeded_value_config(hf_config, hf_dir) if seeding else hf_config
+    if seeding:
+        arch = family_of(out_config)[1]  # the model written: no output layer, a value head
     validate_layout(tp * pp, tp, pp, num_kv_heads=arch.num_query_groups, num_heads=arch.num_attention_heads,
                     num_layers=arch.num_layers)
     weights = open_hf_weights(hf_dir)
-    check_hf_tensors(adapter, weights)
+    check_hf_tensors(src_adapter, weights)
     out_dtype = dtype or weights.dtype()
     padded = padded_vocab_size(arch.vocab_size, tp, vocab_pad_multiple)
-    meta = CheckpointMeta(family=family, hf_config=hf_config, tp=tp, pp=pp, num_layers=arch.num_layers,
+    meta = CheckpointMeta(family=family, hf_config=out_config, tp=tp, pp=pp, num_layers=arch.num_layers,
                           vocab_size=arch.vocab_size, padded_vocab_size=padded,
                           vocab_pad_multiple=vocab_pad_multiple, dtype=dtype_name(out_dtype),
                           source=str(hf_dir.resolve()))
 
     present = set(weights.names())
-    names = [name for name, hf_names, _ in adapter.entries() if any(h in present for h in hf_names)]
+    names = [name for name, hf_names, _ in src_adapter.entries() if any(h in present for h in hf_names)]
+    full = megatron_from_hf(src_adapter, weights.get, keep=lambda name: not seeding or name != LM_OUTPUT_NAME)
+    if seeding:
+        names = [n for n in names if n != LM_OUTPUT_NAME] + [VALUE_HEAD_NAME]
+        full = seed_value_tensors(full, last_stage=True, hidden_size=arch.hidden_size, dtype=out_dtype)
     with atomic_output_dir(out, force, inputs=[hf_dir]) as tmp:
-        nbytes = _write_fg_shards(tmp, names, megatron_from_hf(adapter, weights.get), arch, tp=tp, pp=pp,
-                                  padded_vocab=padded, dtype=out_dtype)
+        nbytes = _write_fg_shards(tmp, names, full, arch, tp=tp, pp=pp, padded_vocab=padded, dtype=out_dtype)
         copy_side_files(hf_dir, tmp / HF_FILES_DIR)
+        store_hf_config(tmp, out_config)
         write_meta(tmp, meta)
-    log.info("wrote %s: %s tp=%d pp=%d %s, %.1f MB", out, family, tp, pp, meta.dtype, nbytes / 1e6)
+    log.info("wrote %s: %s (%s head) tp=%d pp=%d %s, %.1f MB", out, family, arch.head, tp, pp, meta.dtype,
+             nbytes / 1e6)
     return meta
 
 
@@ -235,7 +250,7 @@ def fg_to_hf(ckpt: Path, out: Path, *, dtype: Optional[torch.dtype] = None, forc
     src = FgCheckpoint(ckpt)
     out_dtype = dtype or src.meta.torch_dtype
     layout = export_layout(src.meta, layout)
-    adapter = src.adapter if layout is None else family_module(src.meta.family).state_dict_adapter(src.arch, layout)
+    adapter = state_dict_adapter(src.arch, layout)
 
     def hf_tensors(planning: bool) -> Iterator[tuple[str, Tensor]]:
         get = src.full_meta if planning else src.full_tensor

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError, read_json_object
 from fg_megatron.checkpoint.safetensors_io import SafetensorsFile, TensorSpec
-from fg_megatron.models import family_module, sharding
+from fg_megatron.models import arch_from_hf_config, sharding, state_dict_adapter
 from fg_megatron.models.adapter import StateDictAdapter
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import padded_vocab_size
@@ -116,6 +116,22 @@ def write_meta(path: Path, meta: CheckpointMeta) -> None:
     (Path(path) / META_FILE).write_text(meta.to_json())
 
 
+def store_hf_config(path: Path, hf_config: dict) -> None:
+    """Make the ``hf/config.json`` copied into a checkpoint being written say ``hf_config`` (the metadata's).
+
+    Side files are copied from the source; a model that changed head on the way (a value
+    model seeded from an LM) must not keep the LM's config there.  An equal file keeps its bytes."""
+    target = Path(path) / HF_FILES_DIR / "config.json"
+    if not target.is_file():
+        return
+    try:
+        if json.loads(target.read_text(encoding="utf-8")) == hf_config:
+            return
+    except ValueError:
+        pass
+    target.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+
+
 def full_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
     """Shape of a full (TP=1, unpadded) megatron tensor of the local layer spec."""
     h, hd = arch.hidden_size, arch.head_dim
@@ -125,6 +141,7 @@ def full_shape(name: str, arch: ModelArch) -> tuple[int, ...]:
         "embedding.word_embeddings.weight": (arch.vocab_size, h),
         "output_layer.weight": (arch.vocab_size, h),
         "decoder.final_layernorm.weight": (h,),
+        "value_head.weight": (1, h),
         "input_layernorm.weight": (h,),
         "pre_mlp_layernorm.weight": (h,),
         "self_attention.linear_qkv.weight": (qkv_rows, h),
@@ -185,10 +202,9 @@ class FgCheckpoint:
             raise CheckpointMismatchError(
                 f"{self.path}: checkpoint family is {meta.family!r}, expected {expect_family!r}"
             )
-        family = family_module(meta.family)
-        self.arch: ModelArch = family.arch_from_hf_config(meta.hf_config, meta.family)
-        self.adapter: StateDictAdapter = family.state_dict_adapter(self.arch)
         meta_file = self.path / META_FILE
+        self.arch: ModelArch = arch_from_hf_config(meta.hf_config, meta.family, f"{meta_file}: hf_config")
+        self.adapter: StateDictAdapter = state_dict_adapter(self.arch)
         for field_name, value in (("num_layers", self.arch.num_layers), ("vocab_size", self.arch.vocab_size)):
             if getattr(meta, field_name) != value:
                 raise CheckpointMismatchError(f"{meta_file}: {field_name} {getattr(meta, field_name)} disagrees "

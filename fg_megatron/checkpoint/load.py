@@ -30,10 +30,13 @@ from fg_megatron.checkpoint.layout import (
     is_fg_checkpoint,
     reshard_hint,
     shard_file_name,
+    store_hf_config,
     write_meta,
 )
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError, megatron_from_hf
 from fg_megatron.checkpoint.safetensors_io import write_file
+from fg_megatron.checkpoint.value_seed import (LM_OUTPUT_NAME, seed_value_tensors, seeded_value_config,
+                                               seeds_value_head)
 from fg_megatron.models import sharding
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import (DEFAULT_VOCAB_PAD_MULTIPLE, build_gpt_model, padded_vocab_size,
@@ -41,32 +44,67 @@ from fg_megatron.models.gpt import (DEFAULT_VOCAB_PAD_MULTIPLE, build_gpt_model,
 from fg_megatron.parallel import ParallelContext, validate_layout
 
 
-def _hf_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: int,
-                      expect_family: Optional[str]) -> tuple[ModelArch, CheckpointMeta, Iterator[tuple[str, Tensor]]]:
+def _hf_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: int, expect_family: Optional[str],
+                      head: Optional[str]) -> tuple[ModelArch, CheckpointMeta, Iterator[tuple[str, Tensor]]]:
     hf_config = read_hf_config(path)
-    family, arch, adapter = family_of(hf_config)
+    seeding = seeds_value_head(hf_config, head, str(path))
+    family, src_arch, src_adapter = family_of(hf_config)
     if expect_family is not None and family != expect_family:
         raise CheckpointMismatchError(f"{path}: model family is {family!r} (config.json model_type), "
                                       f"expected {expect_family!r}")
     weights = open_hf_weights(path)
-    check_hf_tensors(adapter, weights)
+    check_hf_tensors(src_adapter, weights)
+    config = seeded_value_config(hf_config, path) if seeding else hf_config
+    arch = family_of(config)[1] if seeding else src_arch
+    dtype = weights.dtype()
     padded = padded_vocab_size(arch.vocab_size, ctx.tp, vocab_pad_multiple)
-    meta = CheckpointMeta(family=family, hf_config=hf_config, tp=ctx.tp, pp=ctx.pp, num_layers=arch.num_layers,
+    meta = CheckpointMeta(family=family, hf_config=config, tp=ctx.tp, pp=ctx.pp, num_layers=arch.num_layers,
                           vocab_size=arch.vocab_size, padded_vocab_size=padded,
-                          vocab_pad_multiple=vocab_pad_multiple, dtype=dtype_name(weights.dtype()),
+                          vocab_pad_multiple=vocab_pad_multiple, dtype=dtype_name(dtype),
                           source=str(path.resolve()))
 
-    def on_this_stage(name: str) -> bool:
+    def on_this_stage(name: str) -> bool:  # placement by the model being built (a value model ties nothing)
+        if seeding and name == LM_OUTPUT_NAME:
+            return False
         return any(stage == ctx.pp_rank for stage, _ in sharding.stage_of(name, arch, ctx.pp))
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
         layers = sharding.layers_of_stage(arch.num_layers, ctx.pp, ctx.pp_rank)
-        for name, full in megatron_from_hf(adapter, weights.get, layers=layers, keep=on_this_stage):
+        full = megatron_from_hf(src_adapter, weights.get, layers=layers, keep=on_this_stage)
+        if seeding:
+            full = seed_value_tensors(full, last_stage=ctx.pp_rank == ctx.pp - 1, hidden_size=arch.hidden_size,
+                                      dtype=dtype)
+        for name, tensor in full:
             for stage, local in sharding.stage_of(name, arch, ctx.pp):
                 if stage == ctx.pp_rank:
-                    yield local, sharding.shard(name, full, ctx.tp, ctx.tp_rank, padded)
+                    yield local, sharding.shard(name, tensor, ctx.tp, ctx.tp_rank, padded)
 
     return arch, meta, tensors()
+
+
+def _fg_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: Optional[int],
+                      expect_family: Optional[str], head: Optional[str]
+                      ) -> tuple[ModelArch, CheckpointMeta, Iterator[tuple[str, Tensor]]]:
+    ckpt = FgCheckpoint(path, expect_family=expect_family)
+    meta, arch = ckpt.meta, ckpt.arch
+    seeding = seeds_value_head(meta.hf_config, head, str(path))
+    if (meta.tp, meta.pp) != (ctx.tp, ctx.pp):
+        raise CheckpointMismatchError(reshard_hint(path, meta, ctx.tp, ctx.pp))
+    if vocab_pad_multiple not in (None, meta.vocab_pad_multiple):
+        raise CheckpointMismatchError(
+            f"{path}: saved with vocab_pad_multiple {meta.vocab_pad_multiple}, asked for {vocab_pad_multiple}; "
+            f"reshard it with --vocab-pad-multiple {vocab_pad_multiple}"
+        )
+    meta.source = str(path.resolve())  # save_model copies the side files from here
+    names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
+    tensors = ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names)
+    if seeding:
+        meta.hf_config = seeded_value_config(meta.hf_config, path)
+        arch = family_of(meta.hf_config)[1]
+        # Stage-local names: the output layer (or the tied embedding copy) is "output_layer.weight".
+        tensors = seed_value_tensors(tensors, last_stage=ctx.pp_rank == ctx.pp - 1,
+                                     hidden_size=arch.hidden_size, dtype=meta.torch_dtype)
+    return arch, meta, tensors
 
 
 def load_stage_state(model: torch.nn.Module, tensors: Iterator[tuple[str, Tensor]], source: str) -> None:
@@ -91,31 +129,25 @@ def load_stage_state(model: torch.nn.Module, tensors: Iterator[tuple[str, Tensor
 
 def load_model(path: Path | str, ctx: ParallelContext, *, dtype: Optional[torch.dtype] = None,
                vocab_pad_multiple: Optional[int] = None, family: Optional[str] = None,
-               use_te: Optional[bool] = None, recompute: bool = False
+               use_te: Optional[bool] = None, recompute: bool = False, head: Optional[str] = None
                ) -> tuple[torch.nn.Module, ModelArch, CheckpointMeta]:
     """This rank's pipeline stage, loaded from an HF directory or an fg checkpoint.
 
     ``dtype`` defaults to the checkpoint's; ``vocab_pad_multiple`` to 128 for HF
     directories and to the stored value for fg checkpoints; ``family``, when
-    given, is the family the caller expects.
+    given, is the family the caller expects.  ``head`` None is the checkpoint's own
+    head; ``"value"`` on a causal LM seeds a value model from it exactly as
+    ``hf-to-fg --head value`` does (the returned meta carries the
+    ``*ForSequenceClassification`` config, so :func:`save_model` writes a value
+    checkpoint); ``"lm"`` on a value model is a :class:`CheckpointMismatchError`.
     """
     path = Path(path)
     if is_fg_checkpoint(path):
-        ckpt = FgCheckpoint(path, expect_family=family)
-        meta, arch = ckpt.meta, ckpt.arch
-        if (meta.tp, meta.pp) != (ctx.tp, ctx.pp):
-            raise CheckpointMismatchError(reshard_hint(path, meta, ctx.tp, ctx.pp))
-        if vocab_pad_multiple not in (None, meta.vocab_pad_multiple):
-            raise CheckpointMismatchError(
-                f"{path}: saved with vocab_pad_multiple {meta.vocab_pad_multiple}, asked for {vocab_pad_multiple}; "
-                f"reshard it with --vocab-pad-multiple {vocab_pad_multiple}"
-            )
-        meta.source = str(path.resolve())  # save_model copies the side files from here
-        names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
-        tensors = ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names)
+        arch, meta, tensors = _fg_stage_tensors(path, ctx, vocab_pad_multiple=vocab_pad_multiple,
+                                                expect_family=family, head=head)
     elif (path / "config.json").is_file():
         arch, meta, tensors = _hf_stage_tensors(path, ctx, vocab_pad_multiple=vocab_pad_multiple
-                                                or DEFAULT_VOCAB_PAD_MULTIPLE, expect_family=family)
+                                                or DEFAULT_VOCAB_PAD_MULTIPLE, expect_family=family, head=head)
     else:
         raise CheckpointMismatchError(f"{path}: neither an fg checkpoint (fg_checkpoint.json) nor an HF model "
                                       f"directory (config.json)")
@@ -187,6 +219,7 @@ def save_model(model: torch.nn.Module, arch: ModelArch, meta: CheckpointMeta, pa
             if src and Path(src).is_dir():
                 src = Path(src)
                 copy_side_files(src / HF_FILES_DIR if is_fg_checkpoint(src) else src, tmp / HF_FILES_DIR)
+            store_hf_config(tmp, out_meta.hf_config)  # a seeded value model must not keep the LM's config
             FgCheckpoint(tmp)  # validate names, shapes and dtypes before the rename
             commit_dir(tmp, path)
         except Exception as exc:

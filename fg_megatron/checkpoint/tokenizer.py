@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from fg_megatron.checkpoint.layout import HF_FILES_DIR, is_fg_checkpoint
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError
@@ -31,3 +32,11 @@ def load_tokenizer(path: Path | str, **kwargs):
     if is_chatglm_tokenizer_dir(directory):  # ChatGLM3's remote-code class, reimplemented: no trust_remote_code
         return load_chatglm_tokenizer(directory, **kwargs)
     return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+
+
+def tokenizer_pad_id(path: Path | str) -> Optional[int]:
+    """The pad token id of a model path's tokenizer; None when it has no tokenizer files or no pad token."""
+    directory = tokenizer_dir(path)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(path).pad_token_id

@@ -8,6 +8,8 @@ from fg_megatron.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    RMConfig,
+    RMRunConfig,
     SFTConfig,
     SFTRunConfig,
     TrainConfig,
@@ -16,5 +18,5 @@ from fg_megatron.config.schema import (
 __all__ = [
     "ConfigError", "load_config", "parse_override", "save_config", "to_dict",
     "DataConfig", "DPOConfig", "DPORunConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "SFTConfig", "SFTRunConfig", "TrainConfig",
+    "RMConfig", "RMRunConfig", "SFTConfig", "SFTRunConfig", "TrainConfig",
 ]

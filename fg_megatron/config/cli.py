@@ -44,6 +44,13 @@ PREFERENCE_FLAGS = {
                                           help="reference log-probs: precomputed first pass or online")),
 }
 
+RM_FLAGS = {
+    "--eval-data": ("data.eval", dict(help="held-out preference file for eval_accuracy")),
+    "--eval-every": ("train.eval_every", dict(type=int, help="evaluate every N steps and at the end (0: never)")),
+    "--center-rewards-coefficient": ("rm.center_rewards_coefficient",
+                                     dict(type=float, help="TRL's reward-centering coefficient")),
+}
+
 
 class _Override(argparse.Action):
     """Record ``(dotted key, value)`` in command-line order."""

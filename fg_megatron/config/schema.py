@@ -31,6 +31,9 @@ class ModelConfig:
     logprob_impl: LogprobImpl = "auto"  # auto: fused Triton kernel on CUDA, chunked torch elsewhere
     vocab_pad_multiple: int = 128  # vocabulary padded to a multiple of this x TP
     recompute: bool = False  # full activation recomputation (saves memory, costs a forward)
+    # lm: next-token head (policies); value: a scalar per token (reward models, critics).
+    # A value model loaded from a causal-LM checkpoint gets a zero-initialised value head.
+    head: Literal["lm", "value"] = "lm"
 
     def __post_init__(self) -> None:
         if self.vocab_pad_multiple < 1:
@@ -47,6 +50,7 @@ class DataConfig:
     chat_template: bool = False  # render plain-string prompts as a user turn with the tokenizer's chat template
     group_batches: int = 16  # sort samples by length within buffers of this many global batches (0: off)
     pad_multiple: int = 8  # micro-batch sequence length rounded up to a multiple of this (fewer shapes)
+    eval: Optional[str] = None  # held-out file evaluated every train.eval_every steps (train_rm: eval_accuracy)
 
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1 or self.max_response_length < 1:
@@ -91,6 +95,7 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in `save`
     log_gated_ids: bool = False  # write the ids of FlipGuard-gated samples per step
     tensorboard: bool = True
+    eval_every: int = 0  # evaluate data.eval every N steps and at the end (0: never)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -98,8 +103,9 @@ class TrainConfig:
         if self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
-        if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1:
-            raise ConfigError("train.save_every and train.keep_last must be >= 0, train.log_every >= 1")
+        if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1 or self.eval_every < 0:
+            raise ConfigError("train.save_every, train.keep_last and train.eval_every must be >= 0, "
+                              "train.log_every >= 1")
 
 
 @dataclass
@@ -131,20 +137,41 @@ class SFTConfig:
 
 
 @dataclass
-class DPORunConfig:
+class RMConfig:
+    center_rewards_coefficient: float = 0.0  # TRL's centering term: + c * (r_c + r_r)^2 per pair
+    margin: bool = False  # read each pair's "margin" field and subtract it inside the sigmoid (TRL)
+
+    def __post_init__(self) -> None:
+        if not self.center_rewards_coefficient >= 0:
+            raise ConfigError(f"rm.center_rewards_coefficient must be >= 0 (got {self.center_rewards_coefficient})")
+
+
+@dataclass
+class RunConfig:
+    """What every trainer's run config holds; each trainer adds its own section."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DPORunConfig(RunConfig):
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 @dataclass
-class SFTRunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class SFTRunConfig(RunConfig):
     sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+def _value_model() -> ModelConfig:
+    return ModelConfig(head="value")
+
+
+@dataclass
+class RMRunConfig(RunConfig):
+    model: ModelConfig = field(default_factory=_value_model)  # a reward model has a value head
+    rm: RMConfig = field(default_factory=RMConfig)

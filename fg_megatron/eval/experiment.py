@@ -3,9 +3,10 @@
     pi0 --generate--> pi0's responses (greedy)
     pi0 --train_dpo --constraint c--> pi_c --generate--> pi_c's responses   for c in none, kd, flipguard
     compare(pi0, pi_c) with the oracle -> accuracy, NFR, win rate (the paper's table 1 on the tiny task)
+    score both with the tiny reward model -> RM-based NFR / win rate (margin 0.1, paper sec. 5.1)
 
 Every stage is a subprocess running the public command lines (``tools/generate.py``,
-``tools/train_dpo.py``), one torchrun at a time, with the same seed and data for
+``tools/train_dpo.py``, ``tools/score.py``), one torchrun at a time, with the same seed and data for
 every constraint.  :func:`run_experiment` returns the result dictionary that
 :func:`write_results` turns into ``.json`` / ``.md`` / ``.png``.
 """
@@ -42,6 +43,7 @@ class ExperimentSettings:
     tp: int = 1  # TP=1 x DP=2 trains the tiny model faster than TP=2 on 2 cores, with the same losses
     steps: Optional[int] = None  # None: the config's
     seed: Optional[int] = None  # None: the config's
+    reward_model: Optional[str] = "assets/tiny/rm"  # scores responses for the RM-based NFR (None: skip)
     max_new_tokens: int = 24
     batch_size: int = 32
     reuse: bool = False  # keep outputs of an earlier run of the same settings (development)
@@ -70,6 +72,27 @@ def _generate(s: ExperimentSettings, load: Path | str, out: Path) -> dict:
     cmd, sec = _torchrun(s.nproc, "tools/generate.py", "--load", load, "--tp", s.tp, "--prompts", s.prompts,
                          "--out", out, "--max-new-tokens", s.max_new_tokens, "--batch-size", s.batch_size)
     return {"command": _shown(cmd), "seconds": round(sec, 1)}
+
+
+def _rm_scores(s: ExperimentSettings, responses: Path) -> tuple[dict, Optional[Path]]:
+    """``responses`` scored by the reward model (a ``reward`` per row), or nothing without one."""
+    if not s.reward_model:
+        return {"command": None, "seconds": 0.0}, None
+    out = responses.with_name(responses.stem + "_rm.jsonl")
+    if s.reuse and out.is_file():
+        return {"command": None, "seconds": 0.0}, out
+    # generate.py's rows carry prompt_ids / response_ids: scored exactly as generated (EOS included)
+    cmd, sec = _torchrun(s.nproc, "tools/score.py", "--load", s.reward_model, "--tp", s.tp, "--data", responses,
+                         "--out", out, "--batch-size", s.batch_size)
+    return {"command": _shown(cmd), "seconds": round(sec, 1)}, out
+
+
+def _rm_summary(pi0_scored: Optional[Path], pi_scored: Optional[Path]) -> Optional[dict]:
+    if pi0_scored is None or pi_scored is None:
+        return None
+    report = compare(load_rows(pi0_scored), load_rows(pi_scored), score_field="reward")
+    return {k: v for k, v in report.summary().items() if k in ("nfr", "win_rate", "tie_rate", "flips", "wins",
+                                                                 "margin", "score_pi0", "score_pi")}
 
 
 def _train(s: ExperimentSettings, constraint: str, save: Path) -> tuple[dict, Path]:
@@ -113,6 +136,7 @@ def run_experiment(s: ExperimentSettings, log=print) -> dict:
     pi0_out = work / "responses_pi0.jsonl"
     log(f"[1/{1 + len(s.constraints)}] generating pi0's responses ({s.pi0})")
     stages = {"generate_pi0": _generate(s, s.pi0, pi0_out)}
+    stages["rm_score_pi0"], pi0_scored = _rm_scores(s, pi0_out)
     pi0_rows = load_rows(pi0_out)
     methods: dict[str, dict] = {}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {k: {} for k in CURVE_KEYS}
@@ -122,6 +146,7 @@ def run_experiment(s: ExperimentSettings, log=print) -> dict:
         stages[f"train_{c}"], ckpt = _train(s, c, save)
         out = work / f"responses_{c}.jsonl"
         stages[f"generate_{c}"] = _generate(s, ckpt, out)
+        stages[f"rm_score_{c}"], pi_scored = _rm_scores(s, out)
         pi_rows = load_rows(out)
         report = compare(pi0_rows, pi_rows, judge="tiny")
         log(format_table(report))
@@ -135,7 +160,8 @@ def run_experiment(s: ExperimentSettings, log=print) -> dict:
                       "final_metrics": {k: last.get(k) for k in ("step", "dpo_loss", "ce_loss", "gate_rate",
                                                                  "reward_accuracy", "reward_margin",
                                                                  "rewards_chosen", "logps_chosen")},
-                      "mean_gate_rate": sum(m["gate_rate"] for m in metrics) / len(metrics)}
+                      "mean_gate_rate": sum(m["gate_rate"] for m in metrics) / len(metrics),
+                      "reward_model": _rm_summary(pi0_scored, pi_scored)}
     first = next(iter(methods.values())) if methods else None
     return {
         "settings": {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(s).items()},
@@ -155,13 +181,15 @@ def markdown_table(results: dict) -> str:
     methods = results["methods"]
     lines = [f"pi0 accuracy: **{results['pi0_accuracy']:.1%}** on {results['n_prompts']} test prompts "
              f"(greedy, tiny-task oracle)", "",
-             "| method | accuracy | NFR | win rate | tie rate | flips | wins | mean gate_rate |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| pi0 | {results['pi0_accuracy']:.1%} | - | - | - | - | - | - |"]
+             "| method | accuracy | NFR | win rate | tie rate | flips | wins | mean gate_rate | RM NFR | RM win rate |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| pi0 | {results['pi0_accuracy']:.1%} | - | - | - | - | - | - | - | - |"]
     names = {"none": "DPO", "kd": "DPO+KD", "flipguard": "DPO+FlipGuard"}
     for c, m in methods.items():
+        rm = m.get("reward_model")
+        rm_cells = f"{rm['nfr']:.1%} | {rm['win_rate']:.1%}" if rm else "- | -"
         lines.append(f"| {names.get(c, c)} | {m['accuracy']:.1%} | {m['nfr']:.1%} | {m['win_rate']:.1%} | "
-                     f"{m['tie_rate']:.1%} | {m['flips']} | {m['wins']} | {m['mean_gate_rate']:.3f} |")
+                     f"{m['tie_rate']:.1%} | {m['flips']} | {m['wins']} | {m['mean_gate_rate']:.3f} | {rm_cells} |")
     groups = sorted(results["pi0_accuracy_by_category"])
     if groups:
         lines += ["", "Per category: accuracy (NFR / win rate)", "",
@@ -211,7 +239,8 @@ def write_results(results: dict, stem: Path | str, log=print) -> None:
           f"DPO with `--constraint {' | '.join(results['methods'])}` from pi0 = `{cfg['pi0']}`, same seed and "
           f"data (`{cfg['config']}`, {cfg['nproc']} processes at TP={cfg['tp']}); responses are greedy on "
           f"`{cfg['prompts']}` and judged by the tiny task's oracle. A negative flip is a prompt pi0 answered "
-          "right and pi wrong. "
+          "right and pi wrong. The RM columns judge the same responses by the tiny reward model "
+          f"(`{cfg.get('reward_model')}`): a flip is R(pi) < R(pi0) - 0.1, a win R(pi) > R(pi0) + 0.1. "
           "Reproduce with `python tools/run_flip_experiment.py` "
           f"({results['total_seconds'] / 60:.1f} minutes on this machine).", "",
           markdown_table(results), "", reading_note(results), "",

@@ -2,9 +2,9 @@
 
 One call generates for one batch of prompts.  Every rank of a model-parallel
 group calls it with the same prompts; each step runs one micro-batch through
-megatron-core's pipeline schedule (so PP stages hand activations on as in
-training), the last stage gathers the vocab-parallel logits of the last
-position, picks the next tokens (:mod:`.sampling`), and broadcasts them to every
+the project's one schedule (:func:`fg_megatron.schedule.run_microbatches`, as
+training and scoring do: PP stages hand activations on as in training), the
+last stage gathers the vocab-parallel logits of the last position, picks the next tokens (:mod:`.sampling`), and broadcasts them to every
 stage and TP rank.
 
 KV cache: megatron-core's ``StaticInferenceContext``.  The first step encodes
@@ -35,6 +35,7 @@ from fg_megatron.generation.sampling import SamplingParams, next_tokens, row_gen
 from fg_megatron.logprobs import full_logits
 from fg_megatron.models.gpt import LMHead
 from fg_megatron.parallel import ParallelContext
+from fg_megatron.schedule import run_microbatches
 
 
 @dataclass
@@ -45,32 +46,20 @@ class Generation:
     finish_reason: str  # "eos" or "length" (max_new_tokens reached)
 
 
-def _last_position_logits(tp_group, head: LMHead):
-    """Loss function of the schedule's last stage: full-vocabulary logits of the last column."""
+def _last_position_logits(tp_group, head: LMHead, batch: dict) -> Tensor:
+    """The last stage's result: full-vocabulary logits ``[b, V]`` of the last column."""
     last = LMHead(hidden=head.hidden[-1:], weight=head.weight, vocab_start=head.vocab_start,
                   vocab_size=head.vocab_size)
-    logits = full_logits(last, tp_group)[:, 0].float()  # [b, V]: gathered over TP, padding rows dropped
-    return torch.zeros(()), {"logits": logits}
-
-
-def _forward_step(tp_group, inference_context, data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"],
-                   inference_context=inference_context)
-    return output, partial(_last_position_logits, tp_group)
+    return full_logits(last, tp_group)[:, 0].float()  # gathered over TP, padding rows dropped
 
 
 def _step_logits(model, ctx: ParallelContext, input_ids: Tensor, position_ids: Tensor, mask: Tensor,
                  inference_context) -> Optional[Tensor]:
     """One forward through the pipeline; ``[b, V]`` logits on the last stage, None elsewhere."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     batch = {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
-    stats = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, ctx.tp_group, inference_context),
-        data_iterator=iter([batch]), model=[model], num_microbatches=1,
-        seq_length=int(input_ids.shape[1]), micro_batch_size=int(input_ids.shape[0]), forward_only=True)
-    return stats[0]["logits"] if ctx.is_last_stage else None
+    out = run_microbatches(model, [batch], partial(_last_position_logits, ctx.tp_group), forward_only=True,
+                           inference_context=inference_context)
+    return out[0] if ctx.is_last_stage else None
 
 
 def _share_tokens(tokens: Tensor, ctx: ParallelContext) -> Tensor:

@@ -5,8 +5,9 @@ sorted by length and dealt to the DP ranks; each rank generates its share in
 batches (:func:`fg_megatron.generation.engine.generate_ids`); global rank 0
 gathers the responses and writes the output atomically, in input order.  Each
 output row is the input row plus ``response`` (decoded text, EOS excluded),
+``prompt_ids`` (the prompt as the model saw it, BOS included) and
 ``response_ids`` (EOS included when generated, as training tokenises a
-response, so the row can go straight to ``tools/score.py``) and
+response), so the row goes straight to ``tools/score.py``, and
 ``finish_reason`` (``eos`` or ``length``).
 """
 
@@ -112,8 +113,8 @@ def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1
         output = []
         for i, line in enumerate(lines):
             ids, reason = by_idx[i]
-            output.append({**rows[line], "response": decode(tokenizer, ids, eos_ids), "response_ids": ids,
-                           "finish_reason": reason})
+            output.append({**rows[line], "response": decode(tokenizer, ids, eos_ids),
+                           "prompt_ids": list(dataset.items[i]), "response_ids": ids, "finish_reason": reason})
         write_jsonl(output, out)
         log.info("wrote %d rows to %s", len(output), out)
     parallel.shutdown()

@@ -3,7 +3,7 @@
 Everything that needs ``log p(token | prefix)`` calls :func:`token_logprobs`
 with the :class:`~fg_megatron.models.gpt.LMHead` of the last pipeline stage.
 The work is done by the fused sequence log-likelihood of ``kernels/``
-(installed as ``fg_megatron_kernels``; math, TP combination and memory profile
+(the package ``fg_megatron_kernels``; math, TP combination and memory profile
 in ``kernels/seq_loglik.py``), chosen by ``impl`` (``--logprob-impl``):
 ``auto`` (Triton on CUDA, chunked torch elsewhere), ``triton``, ``torch``, or
 ``megatron`` (the outside reference on materialised logits).
@@ -11,16 +11,12 @@ in ``kernels/seq_loglik.py``), chosen by ``impl`` (``--logprob-impl``):
 
 from __future__ import annotations
 
-import importlib
-import importlib.machinery
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from fg_megatron_kernels.seq_loglik import seq_loglik
 from torch import Tensor
 
 from fg_megatron.models.gpt import LMHead
@@ -30,22 +26,6 @@ IMPLS = ("auto", "triton", "torch", "megatron")
 
 class LogprobImplError(ValueError):
     """An unknown ``--logprob-impl`` / ``model.logprob_impl`` value."""
-
-
-def kernels_module() -> ModuleType:
-    """``fg_megatron_kernels.seq_loglik``: the repository's ``kernels/`` folder.
-
-    ``pip install -e .`` maps the package name onto the folder; from a bare
-    source tree (CI before install, a copied working tree) the same mapping is
-    made here, so the folder never has to be importable as ``kernels`` (that
-    name belongs to a PyPI package transformers probes for).
-    """
-    name = "fg_megatron_kernels"
-    if name not in sys.modules and importlib.util.find_spec(name) is None:
-        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
-        spec.submodule_search_locations = [str(Path(__file__).resolve().parents[2] / "kernels")]
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-    return importlib.import_module(f"{name}.seq_loglik")
 
 
 def resolve_impl(impl: str) -> str:
@@ -117,9 +97,8 @@ def token_logprobs(head: LMHead, targets: Tensor, mask: Optional[Tensor] = None,
                                         vocab_size=head.vocab_size, tp_group=tp_group)
         logp = torch.where(flat_mask, logp, torch.zeros_like(logp))
     else:
-        logp = kernels_module().seq_loglik(hidden, head.weight, flat_targets, flat_mask,
-                                            vocab_start=head.vocab_start, vocab_size=head.vocab_size,
-                                            tp_group=tp_group, impl=impl)
+        logp = seq_loglik(hidden, head.weight, flat_targets, flat_mask, vocab_start=head.vocab_start,
+                          vocab_size=head.vocab_size, tp_group=tp_group, impl=impl)
     return logp.view(s, b).t().contiguous()
 
 
@@ -137,3 +116,25 @@ def full_logits(head: LMHead, tp_group: Optional[dist.ProcessGroup] = None) -> T
     local = hidden @ head.weight.t()  # [s, b, V/tp]
     gathered = tensor_parallel.gather_from_tensor_model_parallel_region(local, group=tp_group)
     return gathered[..., : head.vocab_size].transpose(0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class LogprobOp:
+    """The log-likelihood operation of a run: implementation and TP group fixed once
+    (:func:`build_logprob_op`) and handed to every task, so no step re-resolves them."""
+
+    impl: str  # resolved: "torch", "triton" or "megatron"
+    tp_group: Optional[dist.ProcessGroup]
+
+    def tokens(self, head: LMHead, targets: Tensor, mask: Tensor) -> Tensor:
+        """Per-token log-probs ``[b, s]`` (see :func:`token_logprobs`)."""
+        return token_logprobs(head, targets, mask, tp_group=self.tp_group, impl=self.impl)
+
+    def sequences(self, head: LMHead, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row sums of the masked log-probs ``[b]`` and the masked token counts ``[b]``."""
+        return sequence_logprobs(self.tokens(head, targets, mask), mask), mask.sum(dim=-1)
+
+
+def build_logprob_op(impl: str, tp_group: Optional[dist.ProcessGroup] = None) -> LogprobOp:
+    """``impl`` resolved (``auto`` -> Triton on CUDA, torch elsewhere) with the run's TP group."""
+    return LogprobOp(impl=resolve_impl(impl), tp_group=_default_tp_group(tp_group))

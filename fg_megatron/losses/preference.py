@@ -6,18 +6,16 @@ Per sample (``flipguard.md``; paper eq. 4, 9, 12)::
 
 and the batch loss is ``mean_i L_i`` over the *global* batch.
 
-Micro-batches and data parallelism: :func:`preference_loss` returns
-``loss = sum_i L_i / num_samples`` over the samples it was given, and metric
-*sums*; it never averages over an unknown batch itself. With
-``fg_megatron.schedule.run_microbatches`` (megatron-core divides each
-micro-batch loss by the number of micro-batches ``M``; data-parallel gradient
-reduction averages over the ``D`` replicas), pass
-``num_samples = global_batch_size / (M * D)``: the gradient is then exactly that
-of ``(1 / global_batch_size) * sum_i L_i`` whatever the layout, even with
-unequal micro-batches. (With equal micro-batches that is the micro-batch size,
-the default.) For logging, add the ``metric_sums`` of all micro-batches
-(:func:`reduce_metric_sums`), all-reduce the stacked values over DP, then call
-:func:`metrics_from_sums`.
+Micro-batches and data parallelism: :func:`preference_loss` returns the
+per-sample losses ``losses`` and ``loss = sum_i L_i / num_samples`` (default:
+the plain mean of the samples given), plus metric *sums*; it never averages
+over an unknown batch itself.  The trainers hand megatron-core
+``losses.sum()`` with the count ``B`` (the schedule's 3-value loss contract,
+:mod:`fg_megatron.schedule`): megatron-core divides the gradients once by the
+all-reduced count, so they are exactly those of
+``(1 / global_batch_size) * sum_i L_i`` whatever the layout.  For logging, add
+the ``metric_sums`` of all micro-batches (:func:`reduce_metric_sums`),
+all-reduce the stacked values over DP, then call :func:`metrics_from_sums`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fg_megatron.models.arch import ModelArch
+from fg_megatron.models.arch import VALUE_HEAD, ModelArch
 
 Fuse = Callable[[Sequence[Tensor], ModelArch], Tensor]
 Split = Callable[[Tensor, ModelArch], Sequence[Tensor]]
@@ -99,13 +99,16 @@ def split_halves0(tensor: Tensor, arch: ModelArch) -> Sequence[Tensor]:
 
 
 def causal_lm_global_maps(arch: ModelArch) -> list[KeyMap]:
-    """Embedding, final norm and (untied) head of transformers' ``*ForCausalLM`` layout
-    (``model.embed_tokens``, ``model.norm``, ``lm_head``), shared by Llama, Mistral and GLM."""
+    """Embedding, final norm and head of transformers' ``*ForCausalLM`` layout (``model.embed_tokens``,
+    ``model.norm``, untied ``lm_head``) or, for a value head, ``*ForSequenceClassification``'s
+    (``score`` instead of ``lm_head``); shared by Llama, Mistral and GLM."""
     maps = [
         KeyMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
         KeyMap("decoder.final_layernorm.weight", ("model.norm.weight",)),
     ]
-    if not arch.tie_word_embeddings:
+    if arch.head == VALUE_HEAD:
+        maps.append(KeyMap("value_head.weight", ("score.weight",)))
+    elif not arch.tie_word_embeddings:
         maps.append(KeyMap("output_layer.weight", ("lm_head.weight",)))
     return maps
 

@@ -2,7 +2,12 @@
 
 ``ModelArch`` is family-neutral: each family reads its HF ``config.json`` into
 one, and :mod:`fg_megatron.models.gpt` builds a megatron-core ``GPTModel`` from
-it.  RoPE inverse frequencies are computed here (default, linear, llama3) so a
+it.  ``head`` says what the last stage ends in: ``lm`` (the output layer of a
+``*ForCausalLM``) or ``value`` (the scalar ``score`` of a
+``*ForSequenceClassification`` with one label: a reward model or a critic);
+:func:`head_from_hf_config` is the one place that reads it from a config.json.
+
+RoPE inverse frequencies are computed here (default, linear, llama3) so a
 checkpoint's ``rope_scaling`` is honoured exactly rather than through
 megatron-core's hard-coded llama3 constants.
 """
@@ -18,6 +23,11 @@ import torch
 
 class ModelConfigError(ValueError):
     """An HF config that this family cannot represent."""
+
+
+LM_HEAD, VALUE_HEAD = "lm", "value"
+HEADS = (LM_HEAD, VALUE_HEAD)
+_SEQ_CLS_SUFFIX = "ForSequenceClassification"
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class ModelArch:
     rotary_percent: float = 1.0  # fraction of each head's dims that rotate
     rotary_interleaved: bool = False  # (even, odd) pairs rotate together (GLM)
     sliding_window: Optional[int] = None  # Mistral: tokens each position sees, itself included
+    head: str = LM_HEAD  # "lm" (output layer over the vocabulary) or "value" (one scalar per token)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,3 +110,27 @@ def require(hf_config: dict, key: str, source: str = "config.json") -> Any:
     if key not in hf_config:
         raise ModelConfigError(f"{source}: missing field {key!r}")
     return hf_config[key]
+
+
+def num_labels(hf_config: dict) -> int:
+    """transformers' ``num_labels``: the field when present, else ``len(id2label)``, else its default 2."""
+    if hf_config.get("num_labels") is not None:
+        return int(hf_config["num_labels"])
+    id2label = hf_config.get("id2label")
+    return len(id2label) if isinstance(id2label, dict) else 2
+
+
+def head_from_hf_config(hf_config: dict, source: str = "config.json") -> str:
+    """``value`` when ``architectures`` names a ``*ForSequenceClassification`` class, else ``lm``.
+
+    A value head is one scalar per token, so the classifier must have exactly one label."""
+    names = hf_config.get("architectures") or []
+    seq_cls = [a for a in names if isinstance(a, str) and a.endswith(_SEQ_CLS_SUFFIX)]
+    if not seq_cls:
+        return LM_HEAD
+    n = num_labels(hf_config)
+    if n != 1:
+        field_name = "num_labels" if hf_config.get("num_labels") is not None else "id2label"
+        raise ModelConfigError(f"{source}: {seq_cls[0]} needs exactly one label for a reward/value head, "
+                               f"field {field_name!r} gives {n}")
+    return VALUE_HEAD

@@ -3,7 +3,11 @@
 The model's last pipeline stage does not compute logits: it returns an
 :class:`LMHead` (final hidden states + this rank's output-weight shard + where
 that shard sits in the vocabulary) so the log-likelihood code can work from
-hidden states without materialising ``[tokens, vocab]`` logits.
+hidden states without materialising ``[tokens, vocab]`` logits.  A value model
+(``arch.head == "value"``: reward model, critic) has no output layer; its last
+stage returns a :class:`ValueHead`, one scalar per token from ``value_head``
+(``Linear(hidden, 1)``, replicated over TP), and :func:`sequence_scores` pools
+it the way transformers' ``*ForSequenceClassification`` does.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fg_megatron import platform
-from fg_megatron.models.arch import ModelArch, rope_inv_freq
+from fg_megatron.models.arch import VALUE_HEAD, ModelArch, rope_inv_freq
 
 DEFAULT_VOCAB_PAD_MULTIPLE = 128
 
@@ -37,6 +41,23 @@ class LMHead:
     weight: Tensor  # [V_pad / tp, h]: this rank's rows of the output layer
     vocab_start: int  # global vocabulary index of weight[0]
     vocab_size: int  # the real vocabulary: rows at or beyond it are padding
+
+
+@dataclass
+class ValueHead:
+    """What the last pipeline stage of a value model returns."""
+
+    hidden: Tensor  # [s, b, h] after the final norm
+    values: Tensor  # [b, s] fp32: value_head(hidden) at every token (padding positions included)
+
+
+def sequence_scores(values: Tensor, lengths: Tensor) -> Tensor:
+    """``[b]``: each row's value at its last real token (index ``lengths - 1``).
+
+    With right padding this is the token transformers' ``*ForSequenceClassification`` pools
+    (the rightmost non-pad token), as long as no real token equals the pad id."""
+    index = (lengths.to(device=values.device, dtype=torch.long) - 1).unsqueeze(1)  # [b, 1]
+    return values.gather(1, index).squeeze(1)
 
 
 def transformer_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
@@ -115,6 +136,12 @@ def _gpt_model_class():
         def _postprocess(self, hidden_states, *args, **kwargs):
             if not self.post_process:
                 return hidden_states
+            if getattr(self, "value_head", None) is not None:
+                # fp32 for the scalar head whatever the model dtype: it is one dot product per
+                # token, and rewards / advantages are differences of these values.
+                w = self.value_head.weight
+                values = torch.matmul(hidden_states.float(), w.float().t()).squeeze(-1)  # [s, b]
+                return ValueHead(hidden=hidden_states, values=values.transpose(0, 1))
             if self.share_embeddings_and_output_weights:
                 weight = self.shared_embedding_or_output_weight()
             else:
@@ -178,6 +205,25 @@ def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int) 
             set_tensor_model_parallel_attributes(param, True, 1 if kind == "row" else 0, 1)
 
 
+def _replace_output_layer_with_value_head(model, arch: ModelArch, dtype: torch.dtype) -> None:
+    """Drop the vocabulary output layer of the last stage and add ``value_head`` [1, h].
+
+    GPTModel always builds ``output_layer`` on its last stage; nothing reads it once
+    ``_postprocess`` returns a ValueHead (weights are untied, MTP and deferred embedding
+    wgrad are off), so it is deleted before any optimizer or checkpoint sees it.
+    ``value_head`` is a plain replicated Linear: every TP rank holds the full hidden state
+    after the final norm, computes the same values and the same weight gradient, and the
+    gradient into the hidden state is already whole (no TP all-reduce, unlike the
+    vocab-parallel LM head).  It starts at zero (see checkpoint.value_seed for why); loads
+    overwrite it.
+    """
+    del model.output_layer
+    model.value_head = torch.nn.Linear(arch.hidden_size, 1, bias=False, dtype=dtype,
+                                       device=platform.default_device())
+    with torch.no_grad():
+        model.value_head.weight.zero_()
+
+
 def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
                     dtype: torch.dtype = torch.float32,
                     vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE,
@@ -190,6 +236,7 @@ def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
     """
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype,
                                 perform_initialization=perform_initialization, recompute=recompute)
+    value = arch.head == VALUE_HEAD
     model_cls = _gpt_model_class()
     model = model_cls(
         config=config,
@@ -199,7 +246,7 @@ def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
         pre_process=pp_rank == 0,
         post_process=pp_rank == pp - 1,
         parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not value,
         position_embedding_type="rope",
         rotary_percent=arch.rotary_percent,
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
@@ -207,6 +254,8 @@ def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
         seq_len_interpolation_factor=None,
     )
     model.real_vocab_size = arch.vocab_size
+    if value and model.post_process:
+        _replace_output_layer_with_value_head(model, arch, dtype)
     _mark_tensor_parallel_params(model, arch, pp, pp_rank)
     # megatron-core hard-codes llama3's constants and ignores other rope types;
     # use the checkpoint's own parameters.

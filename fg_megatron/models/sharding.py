@@ -32,6 +32,7 @@ _GLOBAL_RULES = {
     "embedding.word_embeddings.weight": "vocab",
     "output_layer.weight": "vocab",
     "decoder.final_layernorm.weight": "rep",
+    "value_head.weight": "rep",  # [1, h]: every TP rank scores the full (replicated) hidden state
 }
 
 
@@ -110,7 +111,7 @@ def stage_of(name: str, arch: ModelArch, pp: int) -> list[tuple[int, str]]:
         if arch.tie_word_embeddings and pp > 1:
             places.append((pp - 1, "output_layer.weight"))
         return places
-    if name in ("decoder.final_layernorm.weight", "output_layer.weight"):
+    if name in ("decoder.final_layernorm.weight", "output_layer.weight", "value_head.weight"):
         return [(pp - 1, name)]
     raise KeyError(f"no stage rule for tensor {name!r}")
 

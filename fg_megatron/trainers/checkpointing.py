@@ -4,13 +4,19 @@ Layout of ``SAVE/checkpoints/``::
 
     latest                       name of the newest complete checkpoint
     step_000040/
-        model/                   an fg checkpoint (``convert_checkpoint.py fg-to-hf`` exports it)
-        optim_tp00_pp00.*        optimizer state per (TP rank, PP stage), from DP replica 0
+        model/                   the primary trained model (the policy; the reward model of
+                                 train_rm; PPO's actor) as an fg checkpoint that
+                                 ``convert_checkpoint.py fg-to-hf`` exports
+        optim_tp00_pp00.*        its optimizer state per (TP rank, PP stage), from DP replica 0
         optim_params_tp00_pp00.* distributed optimizer only: its DP-sharded state, gathered
+        critic/                  every other trainable part, by name, the same way:
+            model/               (PPO's critic)
+            optim_tp00_pp00.*
         rng_rank00000.*          RNG states of each rank
-        trainer_state.json       step, data position, scheduler, the run's config
+        trainer_state.json       step, data position, each part's scheduler, the run's config
 
-A checkpoint is written into ``.step_000040.tmp`` and renamed when every rank
+Frozen parts (references, reward models) are not saved: they are reloaded from
+their own checkpoints.  A checkpoint is written into ``.step_000040.tmp`` and renamed when every rank
 has finished; ``latest`` is replaced atomically afterwards.  A run killed while
 saving leaves ``latest`` pointing at the previous checkpoint, which stays
 loadable; leftover ``.tmp`` directories are removed by the next save.
@@ -36,6 +42,7 @@ from fg_megatron.checkpoint.mapping import CheckpointMismatchError
 from fg_megatron.checkpoint.state_io import load_state, save_state
 from fg_megatron.parallel import get_logger
 from fg_megatron.trainers.engine import Engine
+from fg_megatron.trainers.parts import ModelPart
 
 log = get_logger("checkpoint")
 
@@ -82,10 +89,31 @@ def fault_point(name: str, step: int) -> None:
         os._exit(137)
 
 
-def save_checkpoint(engine: Engine, model_meta, arch, save_dir: Path, step: int,
-                    trainer_state: dict, keep_last: int = 2) -> Path:
-    """Write a complete checkpoint of step ``step``; call on every rank."""
+def part_dir(step_dir: Path, part: ModelPart, primary: str) -> Path:
+    """Where a trainable part's files live inside a step directory."""
+    return step_dir if part.name == primary else step_dir / part.name
+
+
+def _save_part(part: ModelPart, where: Path, step: int, trainer: Optional[str]) -> None:
+    engine = part.engine
     ctx = engine.ctx
+    save_model(part.module, part.arch, part.meta, where / "model", ctx,
+               extra={"step": step, "trainer": trainer, "part": part.name})
+    model_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}"
+    if ctx.dp_rank == 0:  # the replicated optimizer's state (or the distributed one's common part)
+        save_state(engine.optimizer.state_dict(), where / f"optim_{model_tag}")
+    if _distributed_optimizer(engine):
+        # Adam moments and fp32 main params live sharded over DP; gathered on DP rank 0.
+        param_state = engine.optimizer.get_parameter_state_dp_zero()
+        if ctx.dp_rank == 0:
+            save_state(param_state, where / f"optim_params_{model_tag}")
+
+
+def save_checkpoint(parts: dict[str, ModelPart], primary: str, save_dir: Path, step: int,
+                    trainer_state: dict, keep_last: int = 2) -> Path:
+    """Write a complete checkpoint of step ``step`` (every trainable part); call on every rank."""
+    trainable = [p for p in parts.values() if p.trainable]
+    ctx = trainable[0].engine.ctx
     root = Path(save_dir) / "checkpoints"
     final = root / _step_name(step)
     tmp = root / f".{_step_name(step)}.tmp"
@@ -95,21 +123,17 @@ def save_checkpoint(engine: Engine, model_meta, arch, save_dir: Path, step: int,
             shutil.rmtree(stale, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
         tmp.mkdir()
+        for part in trainable:
+            part_dir(tmp, part, primary).mkdir(exist_ok=True)
     _barrier()
-    save_model(engine.module, arch, model_meta, tmp / "model", ctx,
-               extra={"step": step, "trainer": trainer_state.get("trainer")})
-    fault_point("save", step)
-    model_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}"
-    if ctx.dp_rank == 0:  # the replicated optimizer's state (or the distributed one's common part)
-        save_state(engine.optimizer.state_dict(), tmp / f"optim_{model_tag}")
-    if _distributed_optimizer(engine):
-        # Adam moments and fp32 main params live sharded over DP; gathered on DP rank 0.
-        param_state = engine.optimizer.get_parameter_state_dp_zero()
-        if ctx.dp_rank == 0:
-            save_state(param_state, tmp / f"optim_params_{model_tag}")
+    for i, part in enumerate(trainable):
+        _save_part(part, part_dir(tmp, part, primary), step, trainer_state.get("trainer"))
+        if i == 0:
+            fault_point("save", step)
     save_state(rng_state(), tmp / f"rng_rank{ctx.rank:05d}")
     if ctx.is_main:
-        state = dict(trainer_state, step=step, scheduler=engine.scheduler.state_dict(),
+        state = dict(trainer_state, step=step, primary=primary,
+                     schedulers={p.name: p.engine.scheduler.state_dict() for p in trainable},
                      layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size})
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     _barrier()
@@ -151,9 +175,25 @@ def latest_checkpoint(save_dir: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(engine: Engine, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG from ``path``; return the trainer state."""
+def _load_part(part: ModelPart, where: Path) -> None:
+    engine = part.engine
     ctx = engine.ctx
+    ckpt = FgCheckpoint(where / "model")
+    names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
+    load_stage_state(part.module, ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names),
+                     str(where / "model"))
+    model_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}"
+    engine.optimizer.load_state_dict(load_state(where / f"optim_{model_tag}"))
+    if _distributed_optimizer(engine):
+        param_state = load_state(where / f"optim_params_{model_tag}") if ctx.dp_rank == 0 else None
+        engine.optimizer.load_parameter_state_from_dp_zero(param_state)
+
+
+def load_checkpoint(parts: dict[str, ModelPart], primary: str, path: Path) -> dict:
+    """Restore every trainable part (model, optimizer, scheduler) and the RNG from ``path``;
+    return the trainer state."""
+    trainable = [p for p in parts.values() if p.trainable]
+    ctx = trainable[0].engine.ctx
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     layout = state.get("layout", {})
@@ -162,15 +202,13 @@ def load_checkpoint(engine: Engine, path: Path) -> dict:
             f"{path}: saved with tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')}, "
             f"resuming with tp={ctx.tp} pp={ctx.pp} dp={ctx.dp}; resume with the same layout "
             f"(or start a new run from {path / 'model'} resharded with convert_checkpoint.py reshard)")
-    ckpt = FgCheckpoint(path / "model")
-    names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
-    load_stage_state(engine.module, ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names),
-                     str(path / "model"))
-    model_tag = f"tp{ctx.tp_rank:02d}_pp{ctx.pp_rank:02d}"
-    engine.optimizer.load_state_dict(load_state(path / f"optim_{model_tag}"))
-    if _distributed_optimizer(engine):
-        param_state = load_state(path / f"optim_params_{model_tag}") if ctx.dp_rank == 0 else None
-        engine.optimizer.load_parameter_state_from_dp_zero(param_state)
-    engine.scheduler.load_state_dict(state["scheduler"])
+    schedulers = state.get("schedulers", {})
+    saved = sorted(schedulers)
+    if saved != sorted(p.name for p in trainable):
+        raise CheckpointMismatchError(f"{path}: holds the trainable models {saved}, this run trains "
+                                      f"{sorted(p.name for p in trainable)}")
+    for part in trainable:
+        _load_part(part, part_dir(path, part, primary))
+        part.engine.scheduler.load_state_dict(schedulers[part.name])
     set_rng_state(load_state(path / f"rng_rank{ctx.rank:05d}"))
     return state

@@ -12,52 +12,42 @@ implicit rewards are 0 and the FlipGuard gate (strict ``>``) is closed.
 
 from __future__ import annotations
 
-import gc
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from fg_megatron.checkpoint.load import load_model
-from fg_megatron.checkpoint.mapping import CheckpointMismatchError
 from fg_megatron.config import DPORunConfig
 from fg_megatron.config.cli import resolve_path
 from fg_megatron.data import MicroBatchStream, PreferenceDataset
-from fg_megatron.logprobs import token_logprobs
 from fg_megatron.losses import METRIC_SUM_KEYS, preference_loss
 from fg_megatron.parallel import get_logger
-from fg_megatron.schedule import Batch, run_microbatches
-from fg_megatron.trainers.loop import Run, owns_outputs, reduce_sums, train
+from fg_megatron.schedule import Batch
+from fg_megatron.trainers.loop import Run, owns_outputs, reduce_stats, train
+from fg_megatron.trainers.parts import ModelPart, check_same_vocabulary
 
 log = get_logger("dpo")
 
 DPO_SUM_KEYS = METRIC_SUM_KEYS + ("tokens",)
 
 
-def pair_logps(head, batch: Batch, tp_group, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-likelihoods ``[2b]`` (chosen rows first) and response token counts."""
-    mask = batch["loss_mask"]
-    logp = token_logprobs(head, batch["targets"], mask, tp_group=tp_group, impl=impl)
-    return (logp * mask).sum(dim=-1), mask.sum(dim=-1)
-
-
 class DPOTask:
     name = "DPO"
     progress_keys = ("loss", "dpo_loss", "gate_rate", "chosen_drop_rate", "reward_accuracy", "reward_margin")
+    summary_keys = ("loss", "dpo_loss", "ce_loss", "gate_rate", "reward_accuracy", "reward_margin")
 
     def __init__(self, run: Run) -> None:
         cfg = run.cfg
         self.run = run
         self.cfg = cfg
-        self.impl = cfg.model.logprob_impl
+        self.policy = run.load("policy", cfg.model.load, trainable=True)
         self.dataset = PreferenceDataset.from_file(resolve_path(cfg.data.train), run.tokenizer,
                                                    cfg.data.max_prompt_length, cfg.data.max_response_length,
                                                    format=cfg.data.format,
                                                    chat_template=cfg.data.chat_template)
         self.stream = self._new_stream()
         self.reference_logps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.reference_model = None
-        self.gated_ids: list[str] = []
+        self.reference: Optional[ModelPart] = None  # online reference: a frozen part kept for the run
 
     def _new_stream(self) -> MicroBatchStream:
         return MicroBatchStream.from_config(self.dataset, self.cfg.data, self.cfg.train,
@@ -65,39 +55,27 @@ class DPOTask:
 
     # -- reference -----------------------------------------------------------
 
-    def _reference_path(self) -> str:
-        return resolve_path(self.cfg.dpo.reference_load or self.cfg.model.load)
+    def _load_reference(self) -> ModelPart:
+        path = self.cfg.dpo.reference_load or self.cfg.model.load
+        part = self.run.load("reference", path, trainable=False)
+        check_same_vocabulary(part, self.policy, f"dpo.reference_load {path}")
+        return part
 
-    def _load_reference(self):
-        model, arch, _ = load_model(self._reference_path(), self.run.ctx, dtype=self.run.dtype,
-                                    vocab_pad_multiple=self.cfg.model.vocab_pad_multiple)
-        if (arch.vocab_size, arch.family) != (self.run.arch.vocab_size, self.run.arch.family):
-            raise CheckpointMismatchError(f"dpo.reference_load {self._reference_path()}: {arch.family} with vocabulary "
-                             f"{arch.vocab_size} does not match the policy ({self.run.arch.family}, "
-                             f"{self.run.arch.vocab_size})")
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-
-    def _reference_forward(self, model, microbatches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        ctx = self.run.ctx
-
-        def head(head, batch):
-            seq, _ = pair_logps(head, batch, ctx.tp_group, self.impl)
+    def _reference_forward(self, part: ModelPart, microbatches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        def pair_logps(head, batch):
+            seq, _ = self.run.logprobs.sequences(head, batch["targets"], batch["loss_mask"])
             b = seq.shape[0] // 2
-            return torch.zeros(()), {"chosen": seq[:b].detach(), "rejected": seq[b:].detach()}
+            return seq[:b].detach(), seq[b:].detach()
 
-        out = run_microbatches(model, microbatches, head, forward_only=True)
-        return [(o["chosen"], o["rejected"]) for o in out]
+        return part.forward(microbatches, pair_logps)
 
     def prepare(self, run: Run) -> None:
         cfg = self.cfg
         same_as_policy = (run.start_step == 0 and cfg.dpo.reference_load is None)
         if cfg.dpo.reference == "online":
-            self.reference_model = self._load_reference()
+            self.reference = self._load_reference()
             return
-        model = run.engine.module if same_as_policy else self._load_reference()
+        part = self.policy if same_as_policy else self._load_reference()
         replay = self._new_stream()
         total = cfg.train.steps
         log.info("precomputing reference log-probs for steps %d..%d", run.start_step + 1, total)
@@ -105,21 +83,20 @@ class DPOTask:
             microbatches = replay.next_step()
             if step <= run.start_step:
                 continue
-            logps = self._reference_forward(model, microbatches)
+            logps = self._reference_forward(part, microbatches)
             if run.ctx.is_last_stage:
                 self.reference_logps[step] = logps
             if step % max(1, total // 10) == 0 or step == total:
                 log.info("reference log-probs: %d/%d steps", step, total)
         if not same_as_policy:
-            del model
-            gc.collect()
+            run.free("reference")
 
     # -- steps ---------------------------------------------------------------
 
-    def next_microbatches(self, step: int) -> list[Batch]:
+    def _microbatches(self, step: int) -> list[Batch]:
         microbatches = self.stream.next_step()
-        if self.reference_model is not None:
-            refs = self._reference_forward(self.reference_model, microbatches)
+        if self.reference is not None:
+            refs = self._reference_forward(self.reference, microbatches)
         else:
             refs = self.reference_logps.pop(step, [])
         if self.run.ctx.is_last_stage:
@@ -127,35 +104,28 @@ class DPOTask:
                 mb["ref_chosen"], mb["ref_rejected"] = chosen, rejected
         return microbatches
 
-    def head_fn(self, step: int, microbatches: list[Batch]):
-        ctx, dpo = self.run.ctx, self.cfg.dpo
-        # The schedule divides by the micro-batch count, DP averages: see losses.preference.
-        num_samples = self.cfg.train.global_batch_size / (len(microbatches) * ctx.dp)
+    def _loss(self, head, batch: Batch):
+        """Summed per-sample losses; megatron-core divides by the global sample count."""
+        dpo = self.cfg.dpo
+        seq, counts = self.run.logprobs.sequences(head, batch["targets"], batch["loss_mask"])
+        b = seq.shape[0] // 2
+        out = preference_loss(seq[:b], seq[b:], batch["ref_chosen"], batch["ref_rejected"], counts[:b],
+                              beta=dpo.beta, constraint=dpo.constraint, gamma=dpo.gamma,
+                              epsilon=dpo.epsilon, loss_type=dpo.loss_type,
+                              label_smoothing=dpo.label_smoothing, ce_reduction=dpo.ce_reduction,
+                              rejected_token_counts=counts[b:])
+        stats = {k: float(v) for k, v in out.metric_sums.items()}
+        stats["tokens"] = float(batch["lengths"].sum())
+        stats["gated_ids"] = [batch["ids"][i] for i in torch.nonzero(out.gate).flatten().tolist()]
+        return out.losses.sum(), b, stats
 
-        def head(head, batch):
-            seq, counts = pair_logps(head, batch, ctx.tp_group, self.impl)
-            b = seq.shape[0] // 2
-            out = preference_loss(seq[:b], seq[b:], batch["ref_chosen"], batch["ref_rejected"], counts[:b],
-                                  beta=dpo.beta, constraint=dpo.constraint, gamma=dpo.gamma,
-                                  epsilon=dpo.epsilon, loss_type=dpo.loss_type,
-                                  label_smoothing=dpo.label_smoothing, ce_reduction=dpo.ce_reduction,
-                                  num_samples=num_samples, rejected_token_counts=counts[b:])
-            stats = {k: float(v) for k, v in out.metric_sums.items()}
-            stats["tokens"] = float(batch["lengths"].sum())
-            stats["gated_ids"] = [batch["ids"][i] for i in torch.nonzero(out.gate).flatten().tolist()]
-            return out.loss, stats
-
-        return head
-
-    def step_metrics(self, step: int, stats: list[dict], microbatches: list[Batch]) -> dict:
+    def step(self, step: int) -> dict:
         ctx = self.run.ctx
-        mine = None
-        if owns_outputs(ctx):
-            mine = {k: sum(s[k] for s in stats) for k in DPO_SUM_KEYS}
-        sums = reduce_sums(ctx, DPO_SUM_KEYS, mine)
+        stats, info = self.policy.train_step(self._microbatches(step), self._loss)
+        sums = reduce_stats(ctx, DPO_SUM_KEYS, stats)
         samples = max(sums["samples"], 1.0)
         metrics = {k: sums[k] / samples for k in METRIC_SUM_KEYS if k != "samples"}
-        metrics["tokens"] = sums["tokens"]
+        metrics.update(tokens=sums["tokens"], lr=info["lr"], grad_norm=info["grad_norm"])
         if self.cfg.train.log_gated_ids:
             gathered: list[Optional[list]] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, [i for s in stats for i in s["gated_ids"]] if owns_outputs(ctx) else [])

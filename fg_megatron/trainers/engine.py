@@ -1,6 +1,11 @@
-"""The optimisation machinery shared by every trainer: megatron-core DDP,
+"""The optimisation machinery of one trainable model: megatron-core DDP,
 megatron-core's optimizer (AdamW, distributed where the backend allows), the
 lr/wd scheduler, and one optimizer step over a list of micro-batches.
+
+Loss normalisation lives in megatron-core: the model's config gets
+``calculate_per_token_loss=True``, so DDP sums gradients over DP (scaling
+factor 1) and ``finalize_model_grads`` divides them by the global count the
+loss functions return (see :mod:`fg_megatron.schedule`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch.distributed as dist
 from fg_megatron import platform
 from fg_megatron.config import OptimConfig
 from fg_megatron.parallel import ParallelContext, get_logger
-from fg_megatron.schedule import Batch, HeadFn, run_microbatches
+from fg_megatron.schedule import Batch, LossFn, run_microbatches
 
 log = get_logger("engine")
 
@@ -62,12 +67,14 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
         log.info("distributed optimizer needs NCCL; using the replicated optimizer on %s",
                  dist.get_backend())
     tconfig = model.config
+    # Losses are sums with a count; megatron-core divides once by the global count.
+    tconfig.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_dist_opt,
-        # Gradients are scaled by 1/DP before the sum-reduction, so together with the
-        # schedule's 1/micro-batches the loss gradient is that of a global-batch mean.
+        # With calculate_per_token_loss DDP sums over DP; finalize_model_grads divides
+        # by the all-reduced count.
         average_in_collective=False,
     )
     ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model)
@@ -114,16 +121,18 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
                   total_steps=total_steps)
 
 
-def train_step(engine: Engine, microbatches: list[Batch], head_fn: HeadFn) -> tuple[list[dict], dict]:
+def train_step(engine: Engine, microbatches: list[Batch], loss_fn: LossFn) -> tuple[list, dict]:
     """Forward/backward over this rank's micro-batches, then one optimizer step.
 
-    Returns (per-micro-batch stats from the last stage, {"grad_norm", "lr", "skipped"}).
+    ``loss_fn(head, batch) -> (loss_sum, count, stats)`` runs on the last stage
+    (:func:`fg_megatron.schedule.run_microbatches`).  Returns (per-micro-batch
+    stats from the last stage, {"grad_norm", "lr", "skipped"}).
     A non-finite gradient norm raises :class:`NonFiniteLossError` before any
     parameter changes.
     """
     engine.model.zero_grad_buffer()
     engine.optimizer.zero_grad()
-    stats = run_microbatches(engine.model, microbatches, head_fn, forward_only=False)
+    stats = run_microbatches(engine.model, microbatches, loss_fn, forward_only=False)
     lr = engine.lr()
     applied, grad_norm = _guarded_optimizer_step(engine.optimizer)
     if applied:

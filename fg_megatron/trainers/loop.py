@@ -1,16 +1,18 @@
 """The one training loop every trainer shares.
 
-A trainer is a small *task* (SFT, DPO, ...) that says what a step's
-micro-batches are, what the last pipeline stage computes from them, and which
-metrics it reports; this module does the rest: parallel setup, model and
-engine, resume, metrics, checkpoints, the final summary.  Read top to bottom.
+A trainer is a small *task* (SFT, RM, DPO, ...) that loads the models it needs
+as named parts (:mod:`.parts`), runs one iteration at a time (one optimizer
+step, or several, of one model or several) and reports that iteration's
+metrics; this module does the rest: parallel setup, tokenizer, resume,
+metrics, checkpoints of every trainable part, the final summary.  Read top to
+bottom.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -18,49 +20,64 @@ import torch
 import torch.distributed as dist
 
 from fg_megatron import parallel
-from fg_megatron.checkpoint.load import load_model
 from fg_megatron.checkpoint.tokenizer import load_tokenizer
 from fg_megatron.config import ConfigError, save_config, to_dict
+from fg_megatron.config.cli import resolve_path
+from fg_megatron.logprobs import LogprobOp, build_logprob_op
 from fg_megatron.parallel import ParallelContext, get_logger
-from fg_megatron.schedule import Batch, HeadFn
 from fg_megatron.trainers.checkpointing import (existing_checkpoints, fault_point, latest_checkpoint,
                                                 load_checkpoint, save_checkpoint)
-from fg_megatron.trainers.engine import Engine, build_engine, model_dtype, train_step
+from fg_megatron.trainers.engine import model_dtype
 from fg_megatron.trainers.metrics import MetricsWriter, summary_table
+from fg_megatron.trainers.parts import ModelPart, free_part, load_part
 
 log = get_logger("train")
 
 
 @dataclass
 class Run:
-    """What a task can use: the resolved config, layout, model and tokenizer."""
+    """What a task can use: the resolved config, layout, tokenizer, log-prob operation
+    and the run's named models."""
 
     cfg: Any
     ctx: ParallelContext
-    engine: Engine
-    arch: Any
-    meta: Any
     tokenizer: Any
     dtype: torch.dtype
     save_dir: Path
+    logprobs: LogprobOp  # built once: implementation and TP group fixed
+    parts: dict[str, ModelPart] = field(default_factory=dict)
+    primary: Optional[str] = None  # the first trainable part: saved as step_N/model
     start_step: int = 0
+
+    def load(self, name: str, path: str, *, trainable: bool, head: Optional[str] = None,
+             total_steps: Optional[int] = None) -> ModelPart:
+        """Add part ``name`` from ``path``; trainable parts use ``cfg.optim`` and a schedule of
+        ``total_steps`` optimizer steps (default ``train.steps``)."""
+        if name in self.parts:
+            raise ValueError(f"model {name!r} is already loaded")
+        part = load_part(name, resolve_path(path), self.ctx, dtype=self.dtype, model_cfg=self.cfg.model,
+                         trainable=trainable, head=head, optim=self.cfg.optim,
+                         total_steps=total_steps or self.cfg.train.steps)
+        self.parts[name] = part
+        if trainable and self.primary is None:
+            self.primary = name
+        return part
+
+    def free(self, name: str) -> None:
+        free_part(self.parts, name)
 
 
 class Task(Protocol):
     name: str
-    progress_keys: tuple[str, ...]
+    progress_keys: tuple[str, ...]  # shown in the progress lines
+    summary_keys: tuple[str, ...]  # shown first -> last in the final summary
 
     def prepare(self, run: Run) -> None:
-        """Work before the first step (e.g. precompute reference log-probs)."""
+        """Work before the first iteration (e.g. precompute reference log-probs)."""
 
-    def next_microbatches(self, step: int) -> list[Batch]:
-        """This rank's micro-batches of global step ``step``."""
-
-    def head_fn(self, step: int, microbatches: list[Batch]) -> HeadFn:
-        """What the last stage computes: ``(head, batch) -> (loss, stats)``."""
-
-    def step_metrics(self, step: int, stats: list[dict], microbatches: list[Batch]) -> dict:
-        """Global (all-rank) metrics of the step; called on every rank."""
+    def step(self, step: int) -> dict:
+        """Run iteration ``step`` (optimizer steps of any parts) on every rank; return its
+        global metrics (``tokens``: tokens processed, for tokens/s)."""
 
     def state_dict(self) -> dict: ...
 
@@ -81,6 +98,12 @@ def reduce_sums(ctx: ParallelContext, keys: tuple[str, ...], values: Optional[di
 def owns_outputs(ctx: ParallelContext) -> bool:
     """One rank per DP replica holds each micro-batch's outputs: last stage, TP rank 0."""
     return ctx.is_last_stage and ctx.tp_rank == 0
+
+
+def reduce_stats(ctx: ParallelContext, keys: tuple[str, ...], stats: list[dict]) -> dict[str, float]:
+    """Sums of ``keys`` over every micro-batch's stats of every DP replica."""
+    mine = {k: sum(float(s[k]) for s in stats) for k in keys} if owns_outputs(ctx) else None
+    return reduce_sums(ctx, keys, mine)
 
 
 # Fields a resumed run must share with the run it continues (the data order and
@@ -122,35 +145,29 @@ def setup_run(cfg: Any) -> Run:
     if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
                           f"data-parallel size {ctx.dp} x train.micro_batch_size={cfg.train.micro_batch_size}")
-    dtype = model_dtype(cfg.model.dtype)
-    model, arch, meta = load_model(cfg.model.load, ctx, dtype=dtype,
-                                   vocab_pad_multiple=cfg.model.vocab_pad_multiple,
-                                   recompute=cfg.model.recompute)
-    engine = build_engine(model, ctx, cfg.optim, cfg.train.steps, dtype)
-    tokenizer = load_tokenizer(cfg.model.load)
     save_dir = Path(cfg.train.save)
     if ctx.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, save_dir / "config.yaml")
-    log.info("model %s (%s, %d layers, hidden %d, vocab %d) | tp=%d pp=%d dp=%d | %s",
-             cfg.model.load, arch.family, arch.num_layers, arch.hidden_size, arch.vocab_size,
-             ctx.tp, ctx.pp, ctx.dp, str(dtype).replace("torch.", ""))
-    return Run(cfg=cfg, ctx=ctx, engine=engine, arch=arch, meta=meta, tokenizer=tokenizer, dtype=dtype,
-               save_dir=save_dir)
+    return Run(cfg=cfg, ctx=ctx, tokenizer=load_tokenizer(resolve_path(cfg.model.load)),
+               dtype=model_dtype(cfg.model.dtype), save_dir=save_dir,
+               logprobs=build_logprob_op(cfg.model.logprob_impl, ctx.tp_group))
 
 
 def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
-    """Run a training job to completion; returns the last step's metrics."""
+    """Run a training job to completion; returns the last iteration's metrics."""
     run = setup_run(cfg)
-    ctx, engine = run.ctx, run.engine
+    ctx = run.ctx
     task = make_task(run)
+    if run.primary is None:
+        raise RuntimeError(f"{task.name}: the task loaded no trainable model")
 
     if cfg.train.resume:
         ckpt = latest_checkpoint(run.save_dir)
         if ckpt is None:
             log.info("--resume: no checkpoint in %s, starting from step 0", run.save_dir / "checkpoints")
         else:
-            state = load_checkpoint(engine, ckpt)
+            state = load_checkpoint(run.parts, run.primary, ckpt)
             check_resume_config(cfg, state.get("config"), ckpt)
             task.load_state_dict(state["task"])
             run.start_step = int(state["step"])
@@ -165,40 +182,37 @@ def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
     history: list[dict] = []
     try:
         for step in range(run.start_step + 1, cfg.train.steps + 1):
-            microbatches = task.next_microbatches(step)
             start = time.perf_counter()
-            stats, info = train_step(engine, microbatches, task.head_fn(step, microbatches))
+            metrics = task.step(step)
             seconds = time.perf_counter() - start
-            metrics = task.step_metrics(step, stats, microbatches)
-            metrics.update(lr=info["lr"], grad_norm=info["grad_norm"], step_seconds=seconds,
-                           tokens_per_second=metrics.pop("tokens", 0.0) / max(seconds, 1e-9))
+            metrics.update(step_seconds=seconds, tokens_per_second=metrics.pop("tokens", 0.0) / max(seconds, 1e-9))
             writer.write(step, metrics)
             history.append(metrics)
             if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-                save_checkpoint(engine, run.meta, run.arch, run.save_dir, step,
+                save_checkpoint(run.parts, run.primary, run.save_dir, step,
                                 {"task": task.state_dict(), "trainer": task.name, "config": to_dict(cfg)},
                                 cfg.train.keep_last)
             fault_point("step", step)
     finally:
         writer.close()
     if ctx.is_main and history:
-        print(final_summary(task.name, cfg, history), flush=True)
+        print(final_summary(task, cfg, history), flush=True)
     parallel.shutdown()
     return metrics
 
 
-def final_summary(name: str, cfg: Any, history: list[dict]) -> str:
-    first, last = history[0], history[-1]
+def final_summary(task: Task, cfg: Any, history: list[dict]) -> str:
+    last = history[-1]
     rows = []
-    for key in ("loss", "dpo_loss", "ce_loss", "gate_rate", "reward_accuracy", "reward_margin"):
-        if key in last:
-            rows.append((key, f"{first[key]:.4f} -> {last[key]:.4f}"))
-    mean_gate = sum(h.get("gate_rate", 0.0) for h in history) / len(history)
-    if "gate_rate" in last:
-        rows.append(("mean gate_rate", f"{mean_gate:.3f}"))
+    for key in task.summary_keys:
+        seen = [h[key] for h in history if key in h]  # eval metrics appear every few steps only
+        if seen:
+            rows.append((key, f"{seen[0]:.4f} -> {seen[-1]:.4f}"))
+    if "gate_rate" in task.summary_keys and "gate_rate" in last:
+        rows.append(("mean gate_rate", f"{sum(h['gate_rate'] for h in history) / len(history):.3f}"))
     rows.append(("tokens/s (mean)", f"{sum(h['tokens_per_second'] for h in history) / len(history):.0f}"))
     rows.append(("steps", f"{len(history)} (to step {cfg.train.steps})"))
     ckpt = Path(cfg.train.save) / "checkpoints"
     rows.append(("checkpoint", f"{ckpt}/step_{cfg.train.steps:06d}/model"))
     rows.append(("metrics", str(Path(cfg.train.save) / "metrics.jsonl")))
-    return summary_table(f"{name} finished", rows)
+    return summary_table(f"{task.name} finished", rows)

@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from fg_megatron.config import SFTRunConfig
 from fg_megatron.config.cli import resolve_path
 from fg_megatron.data import MicroBatchStream, SFTDataset
-from fg_megatron.logprobs import token_logprobs
 from fg_megatron.losses import sft_loss
 from fg_megatron.schedule import Batch
-from fg_megatron.trainers.loop import Run, owns_outputs, reduce_sums, train
+from fg_megatron.trainers.loop import Run, reduce_stats, train
 
 SFT_SUM_KEYS = ("nll", "response_tokens", "samples", "tokens")
 
@@ -28,55 +26,39 @@ def loss_mask_with_prompt(batch: Batch) -> torch.Tensor:
 class SFTTask:
     name = "SFT"
     progress_keys = ("loss", "tokens_per_second")
+    summary_keys = ("loss",)
 
     def __init__(self, run: Run) -> None:
         cfg = run.cfg
         self.run = run
+        self.policy = run.load("policy", cfg.model.load, trainable=True)
         dataset = SFTDataset.from_file(resolve_path(cfg.data.train), run.tokenizer, cfg.data.max_prompt_length,
                                        cfg.data.max_response_length, format=cfg.data.format,
                                        chat_template=cfg.data.chat_template)
         self.stream = MicroBatchStream.from_config(dataset, cfg.data, cfg.train, dp_size=run.ctx.dp,
                                                    dp_rank=run.ctx.dp_rank)
-        self.impl = cfg.model.logprob_impl
         self.train_on_prompt = cfg.sft.train_on_prompt
 
     def prepare(self, run: Run) -> None:
         pass
 
-    def next_microbatches(self, step: int) -> list[Batch]:
-        mbs = self.stream.next_step()
+    def _loss(self, head, batch: Batch):
+        """Summed NLL over the response tokens; megatron-core divides by the global token count."""
+        logp = self.run.logprobs.tokens(head, batch["targets"], batch["loss_mask"])
+        nll, ntok = sft_loss(logp, batch["loss_mask"])
+        stats = {"nll": nll.detach(), "response_tokens": ntok, "samples": batch["input_ids"].shape[0],
+                 "tokens": batch["lengths"].sum()}
+        return nll, ntok, stats
+
+    def step(self, step: int) -> dict:
+        microbatches = self.stream.next_step()
         if self.train_on_prompt:
-            for mb in mbs:
+            for mb in microbatches:
                 mb["loss_mask"] = loss_mask_with_prompt(mb)
-        return mbs
-
-    def head_fn(self, step: int, microbatches: list[Batch]):
-        ctx = self.run.ctx
-        local = torch.tensor(float(sum(mb["loss_mask"].sum() for mb in microbatches)), dtype=torch.float64,
-                             device=ctx.device)
-        if ctx.dp > 1:
-            dist.all_reduce(local, group=ctx.dp_group)
-        # The schedule divides by the micro-batch count and DP averages: undo both so the
-        # gradient is that of the token-mean NLL over the whole global batch.
-        scale = len(microbatches) * ctx.dp / max(local.item(), 1.0)
-
-        def head(head, batch):
-            logp = token_logprobs(head, batch["targets"], batch["loss_mask"], tp_group=ctx.tp_group,
-                                  impl=self.impl)
-            nll, ntok = sft_loss(logp, batch["loss_mask"])
-            stats = {"nll": nll.detach(), "response_tokens": ntok, "samples": batch["input_ids"].shape[0],
-                     "tokens": batch["lengths"].sum()}
-            return nll * scale, stats
-
-        return head
-
-    def step_metrics(self, step: int, stats: list[dict], microbatches: list[Batch]) -> dict:
-        mine = None
-        if owns_outputs(self.run.ctx):
-            mine = {k: sum(float(s[k]) for s in stats) for k in SFT_SUM_KEYS}
-        sums = reduce_sums(self.run.ctx, SFT_SUM_KEYS, mine)
+        stats, info = self.policy.train_step(microbatches, self._loss)
+        sums = reduce_stats(self.run.ctx, SFT_SUM_KEYS, stats)
         return {"loss": sums["nll"] / max(sums["response_tokens"], 1.0), "samples": sums["samples"],
-                "tokens": sums["tokens"]}
+                "tokens": sums["tokens"], "lr": info["lr"], "grad_norm": info["grad_norm"]}
 
     def state_dict(self) -> dict:
         return {"data": self.stream.state_dict()}

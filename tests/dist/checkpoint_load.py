@@ -39,7 +39,7 @@ for phase in phases:
         ids = torch.randint(0, arch.vocab_size, (2, 13), generator=torch.Generator().manual_seed(3))
         mbs = [{"input_ids": ids[i:i + 1], "position_ids": position_ids_like(ids[i:i + 1])} for i in range(2)]
         outs = run_microbatches(
-            model, mbs, lambda head, b: (torch.zeros(()), {"logits": full_logits(head, ctx.tp_group)}),
+            model, mbs, lambda head, b: {"logits": full_logits(head, ctx.tp_group)},
             forward_only=True)
         if ctx.is_last_stage and ctx.tp_rank == 0:
             save_file({"ids": ids, "logits": torch.cat([o["logits"] for o in outs])},

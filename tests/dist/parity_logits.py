@@ -47,7 +47,7 @@ for case, name, layout in cases:
         ref = hf(ids).logits
     mbs = [{"input_ids": ids[i:i + 1], "position_ids": position_ids_like(ids[i:i + 1])} for i in range(3)]
     out = run_microbatches(
-        model, mbs, lambda head, b: (torch.zeros(()), {"logits": full_logits(head, ctx.tp_group)}),
+        model, mbs, lambda head, b: {"logits": full_logits(head, ctx.tp_group)},
         forward_only=True)
     if ctx.is_last_stage:
         logits = torch.cat([o["logits"] for o in out])

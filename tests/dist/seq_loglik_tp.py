@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from fg_megatron import parallel
 from fg_megatron.checkpoint.mapping import megatron_from_hf, stage_shards
-from fg_megatron.logprobs import kernels_module, token_logprobs
+from fg_megatron_kernels.seq_loglik import seq_loglik
+from fg_megatron.logprobs import token_logprobs
 from fg_megatron.models import arch_from_hf_config, family_module
 from fg_megatron.models.gpt import build_gpt_model, padded_vocab_size
 from fg_megatron.schedule import position_ids_like, run_microbatches
@@ -31,7 +32,6 @@ p = argparse.ArgumentParser()
 p.add_argument("--layouts", default="2x1", help="comma-separated TPxPP layouts")
 p.add_argument("--out", required=True)
 args = p.parse_args()
-seq_loglik = kernels_module().seq_loglik
 IMPLS = ("torch", "triton")
 
 
@@ -98,7 +98,8 @@ def model_part(ctx, args, variant):
 
         def head_fn(head, b, impl=impl):
             logp = token_logprobs(head, b["targets"], b["mask"], tp_group=ctx.tp_group, impl=impl)
-            return -(logp.sum(1) * b["coef"]).sum(), {"logp": logp.detach()}
+            # count 1: this bare model (no DDP engine) keeps megatron's mean over micro-batches
+            return -(logp.sum(1) * b["coef"]).sum(), 1, {"logp": logp.detach()}
 
         stats = run_microbatches(model, mbs, head_fn, forward_only=False)
         logp = torch.cat([s["logp"] for s in stats]) if stats else None

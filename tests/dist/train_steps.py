@@ -62,15 +62,15 @@ for step in range(args.steps):
         x = ids[rows, :-1]
         mbs.append({"input_ids": x, "position_ids": position_ids_like(x), "targets": ids[rows, 1:],
                     "loss_mask": mask[rows, :-1]})
-    scale = n_micro * ctx.dp / global_tokens
 
-    def head_fn(head, batch):
+    def loss_fn(head, batch):
         logp = token_logprobs(head, batch["targets"], batch["loss_mask"], tp_group=ctx.tp_group,
                               impl=args.impl)
         nll = -(logp * batch["loss_mask"]).sum()
-        return nll * scale, {"nll": nll.detach()}
+        # a sum and its count: megatron-core divides by the global token count
+        return nll, batch["loss_mask"].sum(), {"nll": nll.detach()}
 
-    stats, info = train_step(engine, mbs, head_fn)
+    stats, info = train_step(engine, mbs, loss_fn)
     total = torch.tensor(sum(float(s["nll"]) for s in stats) if ctx.is_last_stage and ctx.tp_rank == 0 else 0.0,
                          dtype=torch.float64)
     dist.all_reduce(total)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fg_megatron.models.adapter import (KeyMap, StateDictAdapter, causal_lm_global_maps, fuse_qkv_grouped, qkv_map,
                                         split_qkv_grouped)
-from fg_megatron.models.arch import ModelArch, ModelConfigError, require, rope_parameters
+from fg_megatron.models.arch import VALUE_HEAD, ModelArch, ModelConfigError, require, rope_parameters
 
 log = logging.getLogger("fg_megatron.models.chatglm")
 
@@ -254,6 +254,9 @@ def check_layout(layout: str) -> str:
 def state_dict_adapter(arch: ModelArch, layout: Optional[str] = None) -> StateDictAdapter:
     """HF <-> megatron name map for ``layout`` (default: the layout ``arch`` was read from)."""
     layout = check_layout(layout or arch.extra.get("layout", GLM))
+    if layout == CHATGLM and arch.head == VALUE_HEAD:
+        raise ModelConfigError("a GLM value model cannot be written in the original chatglm layout (it has no "
+                               "value head); export it in the glm layout (GlmForSequenceClassification)")
     if layout == CHATGLM and arch.tie_word_embeddings:
         raise ModelConfigError("a GLM model with tied embeddings cannot be written in the original chatglm "
                                "layout (ChatGLM always has a separate output layer)")
