@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fg_megatron.config import ConfigError, DPORunConfig, RMRunConfig, SFTRunConfig, load_config
+from fg_megatron.config import ConfigError, DPORunConfig, PPORunConfig, RMRunConfig, SFTRunConfig, load_config
 from fg_megatron.config.cli import PREFERENCE_FLAGS, parse_run_config, resolve_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +14,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_points_at_real_files(path):
-    kinds = {"dpo": DPORunConfig, "rm": RMRunConfig}
+    kinds = {"dpo": DPORunConfig, "rm": RMRunConfig, "ppo": PPORunConfig}
     cls = kinds.get(path.name.split("_")[0], SFTRunConfig)
     cfg = load_config(cls, path)
     assert Path(resolve_path(cfg.data.train)).is_file(), cfg.data.train

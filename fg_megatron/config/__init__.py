@@ -8,6 +8,9 @@ from fg_megatron.config.schema import (
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    PPOConfig,
+    PPORunConfig,
+    RewardConfig,
     RMConfig,
     RMRunConfig,
     SFTConfig,
@@ -17,6 +20,6 @@ from fg_megatron.config.schema import (
 
 __all__ = [
     "ConfigError", "load_config", "parse_override", "save_config", "to_dict",
-    "DataConfig", "DPOConfig", "DPORunConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "DataConfig", "DPOConfig", "DPORunConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PPOConfig", "PPORunConfig", "RewardConfig",
     "RMConfig", "RMRunConfig", "SFTConfig", "SFTRunConfig", "TrainConfig",
 ]

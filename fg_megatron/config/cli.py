@@ -33,11 +33,20 @@ COMMON_FLAGS = {
     "--logprob-impl": ("model.logprob_impl", dict(choices=["auto", "triton", "torch", "megatron"],
                                                   help="sequence log-likelihood implementation")),
 }
+
+
+def _constraint_flags(section: str) -> dict:
+    """The FlipGuard / KD flags of an alignment trainer's section (``dpo`` or ``ppo``)."""
+    return {
+        "--constraint": (f"{section}.constraint", dict(choices=["none", "kd", "flipguard"],
+                                                       help="update-regression constraint")),
+        "--gamma": (f"{section}.gamma", dict(type=float, help="weight of the constraint's CE term")),
+        "--epsilon": (f"{section}.epsilon", dict(type=float, help="FlipGuard gate threshold")),
+    }
+
+
 PREFERENCE_FLAGS = {
-    "--constraint": ("dpo.constraint", dict(choices=["none", "kd", "flipguard"],
-                                            help="update-regression constraint")),
-    "--gamma": ("dpo.gamma", dict(type=float, help="weight of the constraint's CE term")),
-    "--epsilon": ("dpo.epsilon", dict(type=float, help="FlipGuard gate threshold")),
+    **_constraint_flags("dpo"),
     "--beta": ("dpo.beta", dict(type=float, help="DPO temperature")),
     "--loss-type": ("dpo.loss_type", dict(choices=["sigmoid", "ipo", "hinge"], help="DPO loss")),
     "--reference": ("dpo.reference", dict(choices=["precompute", "online"],
@@ -49,6 +58,13 @@ RM_FLAGS = {
     "--eval-every": ("train.eval_every", dict(type=int, help="evaluate every N steps and at the end (0: never)")),
     "--center-rewards-coefficient": ("rm.center_rewards_coefficient",
                                      dict(type=float, help="TRL's reward-centering coefficient")),
+}
+
+PPO_FLAGS = {
+    **_constraint_flags("ppo"),
+    "--kl-coef": ("ppo.kl_coef", dict(type=float, help="per-token KL penalty coefficient")),
+    "--rollout-batch-size": ("ppo.rollout_batch_size", dict(type=int, help="prompts generated per iteration")),
+    "--reward-source": ("reward.source", dict(choices=["model", "oracle"], help="reward model or the task's judge")),
 }
 
 

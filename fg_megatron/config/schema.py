@@ -147,6 +147,54 @@ class RMConfig:
 
 
 @dataclass
+class RewardConfig:
+    source: Literal["model", "oracle"] = "model"  # oracle: the task's own judge (1 right, 0 wrong)
+    load: str = "assets/tiny/rm"  # the reward model (a value-head checkpoint) when source=model
+
+
+@dataclass
+class PPOConfig:
+    rollout_batch_size: int = 32  # prompts generated per iteration (train.global_batch_size: per optimizer step)
+    epochs: int = 1  # passes over each rollout
+    max_new_tokens: int = 24  # response budget of the rollout
+    temperature: float = 1.0  # sampling of y_pol (and y_ref): 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    kl_coef: float = 0.1  # per-token KL penalty in the reward (DeepSpeed-Chat's fixed 0.1)
+    kl_estimator: Literal["k1", "k3"] = "k1"  # k1: logp - logp0; k3: (e^x - 1) - x, x = logp0 - logp
+    score_clip: Optional[float] = 5.0  # clamp R to +-this (DeepSpeed-Chat); null: no clamp
+    missing_eos_penalty: Optional[float] = None  # subtracted from R when a response never reaches EOS (TRL)
+    whiten_rewards: bool = False  # TRL's whiten_rewards (mean kept)
+    whiten_advantages: bool = True  # advantages normalised over the whole rollout (all DP ranks)
+    gae_gamma: float = 1.0  # GAE discount
+    gae_lambda: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # PPO ratio clip
+    value_clip_range: float = 0.2  # critic: values clipped to old +- this
+    critic_lr: Optional[float] = None  # critic's peak lr (default: optim.lr); its schedule follows optim.*
+    critic_load: Optional[str] = None  # default: reward.load (source=model) or model.load (oracle)
+    reference_load: Optional[str] = None  # pi0 (default: model.load)
+    constraint: Literal["none", "kd", "flipguard"] = "flipguard"
+    gamma: float = 0.01  # weight of the CE pull toward y_ref (eq. 7)
+    epsilon: float = 0.1  # gate: R(x, y_ref) - R(x, y_pol) > epsilon (the paper's PPO default)
+    ce_reduction: Literal["sum", "mean"] = "sum"
+    log_reference_rollouts: bool = False  # generate y_ref without a constraint too (logs gate_rate)
+
+    def __post_init__(self) -> None:
+        if self.rollout_batch_size < 1 or self.epochs < 1 or self.max_new_tokens < 1:
+            raise ConfigError("ppo.rollout_batch_size, ppo.epochs and ppo.max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"ppo.temperature >= 0, 0 < ppo.top_p <= 1, ppo.top_k >= 0 (got {self.temperature}, "
+                              f"{self.top_p}, {self.top_k})")
+        if not (0 <= self.gae_gamma <= 1 and 0 <= self.gae_lambda <= 1):
+            raise ConfigError(f"ppo.gae_gamma and ppo.gae_lambda must be in [0, 1] (got {self.gae_gamma}, "
+                              f"{self.gae_lambda})")
+        if not (self.clip_range > 0 and self.value_clip_range > 0 and self.kl_coef >= 0 and self.gamma >= 0):
+            raise ConfigError("ppo.clip_range and ppo.value_clip_range must be > 0, ppo.kl_coef and ppo.gamma >= 0")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ConfigError(f"ppo.critic_lr must be > 0 (got {self.critic_lr})")
+
+
+@dataclass
 class RunConfig:
     """What every trainer's run config holds; each trainer adds its own section."""
 
@@ -175,3 +223,9 @@ def _value_model() -> ModelConfig:
 class RMRunConfig(RunConfig):
     model: ModelConfig = field(default_factory=_value_model)  # a reward model has a value head
     rm: RMConfig = field(default_factory=RMConfig)
+
+
+@dataclass
+class PPORunConfig(RunConfig):
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)

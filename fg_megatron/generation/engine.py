@@ -21,7 +21,7 @@ keys themselves are masked (:mod:`.masks`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional, Sequence
 
@@ -44,6 +44,9 @@ class Generation:
 
     ids: list[int]  # generated token ids; ends with the EOS token when finish_reason == "eos"
     finish_reason: str  # "eos" or "length" (max_new_tokens reached)
+    # With return_entropy, on the last pipeline stage: the entropy of the (temperature-scaled)
+    # next-token distribution at each generated token, as TRL's PPO logs it.
+    entropy: list[float] = field(default_factory=list)
 
 
 def _last_position_logits(tp_group, head: LMHead, batch: dict) -> Tensor:
@@ -78,7 +81,8 @@ def _share_tokens(tokens: Tensor, ctx: ParallelContext) -> Tensor:
 @torch.no_grad()
 def generate_ids(model, ctx: ParallelContext, prompts: Sequence[Sequence[int]], *, eos_ids: Sequence[int],
                  pad_id: int, max_new_tokens: int, sampling: SamplingParams = SamplingParams(),
-                 seeds: Optional[Sequence[int]] = None, use_cache: bool = True) -> list[Generation]:
+                 seeds: Optional[Sequence[int]] = None, use_cache: bool = True,
+                 return_entropy: bool = False) -> list[Generation]:
     """Responses for ``prompts`` (token ids, BOS included), one :class:`Generation` each.
 
     ``model`` is this rank's stage (eval mode).  A row stops at its first token in
@@ -109,6 +113,7 @@ def generate_ids(model, ctx: ParallelContext, prompts: Sequence[Sequence[int]], 
     eos = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(b)]
+    entropies: list[list[float]] = [[] for _ in range(b)]
     for step in range(max_new_tokens):
         if cache is None or step == 0:
             step_ids, step_pos, mask = tokens, positions, prefill_mask(valid)
@@ -118,6 +123,12 @@ def generate_ids(model, ctx: ParallelContext, prompts: Sequence[Sequence[int]], 
         nxt = torch.empty(b, dtype=torch.long, device=device)
         if logits is not None:
             nxt.copy_(next_tokens(logits, sampling, generators))
+        if return_entropy and logits is not None:
+            scaled = logits if sampling.greedy else logits / sampling.temperature
+            logp = torch.log_softmax(scaled, dim=-1)
+            step_entropy = (-(logp.exp() * logp).sum(dim=-1)).tolist()
+            for i in (~done).nonzero()[:, 0].tolist():
+                entropies[i].append(step_entropy[i])
         nxt = _share_tokens(nxt, ctx)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)  # finished rows idle on padding
         for i in (~done).nonzero()[:, 0].tolist():
@@ -132,4 +143,5 @@ def generate_ids(model, ctx: ParallelContext, prompts: Sequence[Sequence[int]], 
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
         positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
     eos_set = set(eos.tolist())
-    return [Generation(ids, "eos" if ids and ids[-1] in eos_set else "length") for ids in out]
+    return [Generation(ids, "eos" if ids and ids[-1] in eos_set else "length", ent)
+            for ids, ent in zip(out, entropies)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Callable
 
 # User-facing errors: bad config, data, checkpoint or layout.  Anything else is a
@@ -29,6 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+RANK0_GRACE_SECONDS = 2.0
+
+
 def run_cli(fn: Callable[[], object]) -> None:
     """Run an entry point; user errors print ``error: <one line>`` (rank 0, or the
     failing rank) and exit with status 2."""
@@ -37,6 +41,10 @@ def run_cli(fn: Callable[[], object]) -> None:
     except _user_errors() as exc:
         rank = os.environ.get("RANK", "0")
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if rank != "0":
+            # Most bad input fails on every rank at once; the first rank to exit makes torchrun
+            # stop the others, so give rank 0 the moment it needs to say it once, unprefixed.
+            time.sleep(RANK0_GRACE_SECONDS)
         print(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", file=sys.stderr, flush=True)
         # Skip interpreter teardown: other ranks may still sit in a collective.
         sys.stderr.flush()

@@ -50,13 +50,13 @@ class Run:
     start_step: int = 0
 
     def load(self, name: str, path: str, *, trainable: bool, head: Optional[str] = None,
-             total_steps: Optional[int] = None) -> ModelPart:
-        """Add part ``name`` from ``path``; trainable parts use ``cfg.optim`` and a schedule of
-        ``total_steps`` optimizer steps (default ``train.steps``)."""
+             total_steps: Optional[int] = None, optim: Any = None) -> ModelPart:
+        """Add part ``name`` from ``path``; trainable parts use ``optim`` (default ``cfg.optim``)
+        and a schedule of ``total_steps`` optimizer steps (default ``train.steps``)."""
         if name in self.parts:
             raise ValueError(f"model {name!r} is already loaded")
         part = load_part(name, resolve_path(path), self.ctx, dtype=self.dtype, model_cfg=self.cfg.model,
-                         trainable=trainable, head=head, optim=self.cfg.optim,
+                         trainable=trainable, head=head, optim=optim or self.cfg.optim,
                          total_steps=total_steps or self.cfg.train.steps)
         self.parts[name] = part
         if trainable and self.primary is None:
@@ -145,12 +145,8 @@ def setup_run(cfg: Any) -> Run:
     if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
                           f"data-parallel size {ctx.dp} x train.micro_batch_size={cfg.train.micro_batch_size}")
-    save_dir = Path(cfg.train.save)
-    if ctx.is_main:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, save_dir / "config.yaml")
     return Run(cfg=cfg, ctx=ctx, tokenizer=load_tokenizer(resolve_path(cfg.model.load)),
-               dtype=model_dtype(cfg.model.dtype), save_dir=save_dir,
+               dtype=model_dtype(cfg.model.dtype), save_dir=Path(cfg.train.save),
                logprobs=build_logprob_op(cfg.model.logprob_impl, ctx.tp_group))
 
 
@@ -158,9 +154,12 @@ def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
     """Run a training job to completion; returns the last iteration's metrics."""
     run = setup_run(cfg)
     ctx = run.ctx
-    task = make_task(run)
+    task = make_task(run)  # loads the models and validates the data: bad input stops here
     if run.primary is None:
         raise RuntimeError(f"{task.name}: the task loaded no trainable model")
+    if ctx.is_main:  # written only once the models and data have been accepted
+        run.save_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.save_dir / "config.yaml")
 
     if cfg.train.resume:
         ckpt = latest_checkpoint(run.save_dir)
