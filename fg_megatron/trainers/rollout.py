@@ -91,7 +91,8 @@ class RolloutMaker:
 
     def _micro_batch(self, idx: list[int], iteration: int, stats: dict) -> RolloutBatch:
         seed = self.cfg.train.seed * 1_000_003 + iteration
-        seeds = [row_seed(seed, self.dataset.records[i].source) for i in idx]
+        # keyed by the prompt's line, not its path: the same rollouts from any checkout (as generate.py)
+        seeds = [row_seed(seed, self.dataset.records[i].source.rpartition(":")[2]) for i in idx]
         prompts = [list(self.dataset.items[i]) for i in idx]
         pol = self._generate(self.actor, prompts, seeds)
         rows = [(p, g.ids) for p, g in zip(prompts, pol)]
