@@ -112,9 +112,8 @@ class PPOTask:
         # Per-prompt token means: the clipped objective is positively homogeneous in A, so
         # scaling each row's advantages by 1/n_tokens gives sum_i mean_t(pg_it).
         adv = batch["advantages"] / counts[:b, None].clamp(min=1.0)
+        # clipfrac, approx_kl, ratio and count do not depend on a positive scale of A: one call serves both
         pg = policy_loss(logp[:b], batch["old_logp"][:b], adv, mask[:b], clip_range=ppo.clip_range)
-        unscaled = policy_loss(logp[:b].detach(), batch["old_logp"][:b], batch["advantages"], mask[:b],
-                               clip_range=ppo.clip_range)
         ce = torch.zeros((), device=logp.device)
         if ppo.constraint != "none":
             seq = (logp * mask).sum(dim=1)
@@ -127,8 +126,8 @@ class PPOTask:
                 gate = torch.ones_like(gate)
             ce = constraint_ce(target, target_counts, gate, gamma=ppo.gamma, reduction=ppo.ce_reduction).sum()
         stats = {"policy_loss": float(pg.loss), "ce_loss": float(ce), "prompts": float(b),
-                 "clipfrac": float(unscaled.clipfrac), "approx_kl": float(unscaled.approx_kl),
-                 "ratio": float(unscaled.ratio), "pg_tokens": float(unscaled.count)}
+                 "clipfrac": float(pg.clipfrac), "approx_kl": float(pg.approx_kl),
+                 "ratio": float(pg.ratio), "pg_tokens": float(pg.count)}
         return pg.loss + ce, b, stats
 
     def _critic_loss(self, head, batch: Batch):
