@@ -1,8 +1,10 @@
 """Run micro-batches through megatron-core's forward/backward schedules.
 
 The one schedule of the project: training (forward + backward), scoring,
-reference passes, values and generation steps all go through
-:func:`run_microbatches`, for any TP x PP layout.  The model gets the batch's
+reference passes, values and the generation steps of pipeline-parallel models
+all go through :func:`run_microbatches`, for any TP x PP layout (at PP=1,
+generation decodes directly from the stage's weights:
+:mod:`fg_megatron.generation.direct`).  The model gets the batch's
 ``attention_mask`` when it has one (generation's padding masks; training and
 scoring batches are right-padded and need only the causal mask) and an
 optional inference context (the KV cache).

@@ -68,6 +68,7 @@ def test_generate_ids_match_transformers_tp_pp(tiny, tmp_path):
     for name, r in res.items():
         assert r["cached"] == expected, name
         assert r["nocache"] == expected, name
+        assert r["scheduled"] == expected, name
         assert r["alone"] == expected, name  # left padding changes nothing
         assert r["finish"] == ["eos" if row[-1] == eos else "length" for row in expected], name
         assert r["sampled_reversed"] == r["sampled"]["1"], name

@@ -1,4 +1,5 @@
-"""Generation speed: our KV cache, no cache, and transformers' ``generate`` (greedy, no early stop).
+"""Generation speed: our KV cache (the direct decoder at PP=1, megatron-core's modules otherwise), the
+KV cache through megatron-core's modules, no cache, and transformers' ``generate`` (greedy, no early stop).
 
     python tools/bench_generate.py                                   # TP=1, the tiny pi0
     python tools/bench_generate.py --out benchmarks/generate_cpu.json
@@ -22,6 +23,7 @@ import torch
 from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
 from fg_megatron.generation import generate_ids
+from fg_megatron.generation.engine import pick_backend
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,9 +54,11 @@ if __name__ == "__main__":
         return min(times), out
 
     seconds, outputs = {}, {}
-    for name, cache in (("kv_cache", True), ("no_cache", False)):
+    # kv_cache: what generate_ids picks (the direct decoder where it can run, else the schedule)
+    for name, cache, backend in (("kv_cache", True, "auto"), ("kv_cache_schedule", True, "schedule"),
+                                 ("no_cache", False, "schedule")):
         seconds[name], outputs[name] = best_of(
-            lambda: [r.ids for r in generate_ids(model, ctx, prompts, use_cache=cache, **common)])
+            lambda: [r.ids for r in generate_ids(model, ctx, prompts, use_cache=cache, backend=backend, **common)])
     if a.tp == 1 and a.pp == 1 and ctx.world_size == 1 and (Path(a.load) / "config.json").is_file():
         from transformers import AutoModelForCausalLM
 
@@ -74,7 +78,7 @@ if __name__ == "__main__":
     if ctx.is_main:
         result = {"tp": a.tp, "pp": a.pp, "batch": a.batch_size, "prompt_tokens": a.prompt_tokens,
                   "new_tokens": a.new_tokens, "layers": arch.num_layers, "hidden": arch.hidden_size,
-                  "threads": torch.get_num_threads(),
+                  "threads": torch.get_num_threads(), "kv_cache_backend": pick_backend(model, ctx, "auto", True),
                   "tokens_per_second": {k: tokens / v for k, v in seconds.items()},
                   "same_tokens": {k: outputs[k] == outputs["kv_cache"] for k in outputs}}
         print(f"tp={a.tp} pp={a.pp} batch={a.batch_size} prompt={a.prompt_tokens} new={a.new_tokens} "

@@ -1,7 +1,8 @@
 """Responses for prompts, greedy or sampled, under any TP x PP x DP layout.
 
     torchrun --nproc-per-node N tools/generate.py --load PATH --tp T [--pp P] --prompts IN.jsonl --out OUT.jsonl \
-        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B]
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B] \
+        [--backend auto|direct|schedule]
 
 PATH is an HF directory or an fg checkpoint.  Input rows need a "prompt" (any
 data format works: preference and SFT files give their prompts).  Each output
@@ -33,8 +34,11 @@ if __name__ == "__main__":
                    help="cut longer prompts on the left (default: max_position_embeddings - max_new_tokens)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "direct", "schedule"],
+                   help="KV-cache decoding: direct (the stage's weights, PP=1), schedule (megatron-core's "
+                        "modules), auto (direct where it can run)")
     a = p.parse_args()
     run_cli(lambda: generate_file(a.load, a.prompts, a.out, tp=a.tp, pp=a.pp, max_new_tokens=a.max_new_tokens,
                                   temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                                   batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
-                                  use_cache=not a.no_cache, dtype=a.dtype))
+                                  use_cache=not a.no_cache, dtype=a.dtype, backend=a.backend))

@@ -25,7 +25,7 @@ from fg_megatron.checkpoint.tokenizer import load_tokenizer, tokenizer_dir
 from fg_megatron.data import PromptDataset
 from fg_megatron.data.readers import read_rows, write_jsonl
 from fg_megatron.data.tokenize import token_layout
-from fg_megatron.generation.engine import Generation, generate_ids
+from fg_megatron.generation.engine import Generation, generate_ids, pick_backend
 from fg_megatron.generation.sampling import GenerationSettingsError, SamplingParams, row_seed
 from fg_megatron.parallel import get_logger
 
@@ -71,7 +71,7 @@ def decode(tokenizer: Any, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
 def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 1234,
                   batch_size: int = 32, max_prompt_length: Optional[int] = None, use_cache: bool = True,
-                  dtype: str = "float32") -> Optional[list[dict]]:
+                  dtype: str = "float32", backend: str = "auto") -> Optional[list[dict]]:
     """Generate a response for every row of ``prompts`` and write ``out`` (rank 0); returns the
     rows on rank 0.  Sampling (``temperature > 0``) draws each prompt's tokens from a generator
     seeded by ``(seed, its line)``: the same seed gives the same responses for any layout."""
@@ -83,6 +83,10 @@ def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1
     ctx = parallel.initialize(tp, pp, seed=seed)
     model, arch, _ = load_model(load, ctx, dtype=_DTYPES[dtype])
     model.eval()
+    try:
+        pick_backend(model, ctx, backend, use_cache)
+    except ValueError as e:
+        raise GenerationSettingsError(f"--backend {backend}: {e}") from None
     tokenizer = load_tokenizer(load)
     limit = arch.max_position_embeddings
     if max_prompt_length is None:
@@ -103,7 +107,7 @@ def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1
         gens: list[Generation] = generate_ids(
             model, ctx, [dataset.items[i] for i in idx], eos_ids=eos_ids, pad_id=dataset.pad_id,
             max_new_tokens=max_new_tokens, sampling=sampling, seeds=[row_seed(seed, lines[i]) for i in idx],
-            use_cache=use_cache)
+            use_cache=use_cache, backend=backend)
         results.extend((i, g.ids, g.finish_reason) for i, g in zip(idx, gens))
         log.info("generated %d/%d batches", n + 1, len(batches))
     gathered = parallel.gather_to_main(ctx, results, owner=ctx.is_last_stage and ctx.tp_rank == 0)

@@ -3,7 +3,7 @@
 torchrun --nproc-per-node 2 tests/dist/generation_parity.py --load DIR --prompts P.json --eos E --out result.json
 
 For each layout: greedy ids for the whole left-padded batch with and without the
-KV cache, greedy ids of each prompt alone, and sampled ids for two seeds.
+KV cache (each backend), greedy ids of each prompt alone, and sampled ids for two seeds.
 """
 
 import argparse
@@ -30,8 +30,9 @@ for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("tp1", 1, 1)):
     model, _, _ = load_model(args.load, ctx)
     model.eval()
     t0 = time.perf_counter()
-    cached = generate_ids(model, ctx, prompts, **common)
+    cached = generate_ids(model, ctx, prompts, **common)  # the direct decoder at PP=1
     t1 = time.perf_counter()
+    scheduled = generate_ids(model, ctx, prompts, backend="schedule", **common)  # megatron-core's KV cache
     nocache = generate_ids(model, ctx, prompts, use_cache=False, **common)
     t2 = time.perf_counter()
     alone = [generate_ids(model, ctx, [q], **common)[0] for q in prompts]
@@ -43,6 +44,7 @@ for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("tp1", 1, 1)):
     rev = generate_ids(model, ctx, prompts[::-1], sampling=sample,
                        seeds=[row_seed(1, i) for i in reversed(range(len(prompts)))], **common)
     results[name] = {"cached": [g.ids for g in cached], "finish": [g.finish_reason for g in cached],
+                     "scheduled": [g.ids for g in scheduled],
                      "nocache": [g.ids for g in nocache], "alone": [g.ids for g in alone],
                      "sampled": sampled, "sampled_reversed": [g.ids for g in rev][::-1],
                      "seconds_cache": t1 - t0, "seconds_nocache": t2 - t1}
