@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 
 TINY_LLAMA = dict(
-    hidden_size=128,
-    intermediate_size=352,
+    hidden_size=192,
+    intermediate_size=512,
     num_hidden_layers=4,
-    num_attention_heads=4,
+    num_attention_heads=6,
     num_key_value_heads=2,
     max_position_embeddings=256,
     rms_norm_eps=1e-5,
