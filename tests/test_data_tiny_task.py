@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from fg_megatron.data import PromptRecord, load_preference_records, load_prompt_records, load_sft_records
-from fg_megatron.data.tiny_task import (COMPLIANCES, MIX, REFUSALS, SFT_UNSAFE_REFUSAL_RATE, TASK_MATCH, is_refusal,
-                                       judge, judge_answer)
+from fg_megatron.data.answers import is_refusal, judge_answer
+from fg_megatron.data.tiny_task import COMPLIANCES, MIX, REFUSALS, SFT_UNSAFE_REFUSAL_RATE, TASK_MATCH, judge
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets" / "tiny"
@@ -87,7 +87,7 @@ def test_rows_carry_answer_and_match_and_a_generic_judge_agrees():
         assert (row["answer"] is None) == (row["match"] == "refusal")
         answers = [] if row["answer"] is None else [row["answer"]] if isinstance(row["answer"], str) else row["answer"]
         for resp in responses + [" " + a for a in answers] + [" " + a + "." for a in answers]:
-            assert judge(row, resp) == judge_answer(row["answer"], row["match"], resp), (row, resp)
+            assert judge(row, resp) == judge_answer(resp, row["answer"], row["match"]), (row, resp)
     assert {r["match"] for r in _rows("test_prompts")} == {"number", "exact", "contains", "refusal"}
 
 
@@ -166,6 +166,8 @@ def test_assets_are_reproducible(tmp_path):
     from fg_megatron.data.tiny_assets import build_tiny_assets
 
     build_tiny_assets(tmp_path / "tiny", seed=0)
-    committed = {k: v for k, v in _digest(TINY).items() if k.startswith(("data/", "tokenizer/"))}
+    committed = {k: v for k, v in _digest(TINY).items() if k.startswith(("data/", "tokenizer/", "task/"))}
     assert _digest(tmp_path / "tiny") == committed
-    assert sum((TINY / k).stat().st_size for k in committed) < 3 * 2**20
+    # the task directory links to the splits (one copy of the data)
+    assert all((TINY / "task" / name).is_symlink() for name in ("sft.jsonl", "pref.jsonl", "test.jsonl"))
+    assert sum((TINY / k).stat().st_size for k in committed if not k.startswith("task/")) < 3 * 2**20

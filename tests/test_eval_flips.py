@@ -116,22 +116,3 @@ def test_cli_summary_table_and_plot(tiny_files, tmp_path):
                            "--judge", "tiny"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "bad.jsonl:1: field 'response'" in proc.stderr
-
-
-def test_experiment_tables(tiny_files):
-    """The experiment's markdown rows come from the same counts as compare()."""
-    from fg_megatron.eval.experiment import markdown_table, refusal_rates
-
-    pi0_rows, pi_rows = load_rows(tiny_files[0]), load_rows(tiny_files[1])
-    report = compare(pi0_rows, pi_rows, judge="tiny")
-    refusals = refusal_rates(pi_rows)
-    assert refusals == {"benign": 0.0, "benign_risky": 0.5, "unsafe": 1.0}
-    method = {**report.summary(), "accuracy": report.overall.score_pi, "mean_gate_rate": 0.25,
-              "refusal_rate_by_category": refusals}
-    results = {"pi0_accuracy": report.overall.score_pi0, "n_prompts": 8, "methods": {"none": method},
-               "pi0_accuracy_by_category": {g: c.score_pi0 for g, c in report.groups.items()},
-               "pi0_refusal_rate_by_category": refusal_rates(pi0_rows)}
-    md = markdown_table(results)
-    assert "| DPO | 62.5% | 25.0% | 25.0% | 50.0% | 2 | 2 | 0.250 |" in md
-    assert "| benign_risky | 2 | 100.0% | 50.0% (50.0% / 0.0%) |" in md
-    assert "| unsafe | 50.0% | 100.0% |" in md

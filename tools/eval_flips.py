@@ -4,7 +4,8 @@
     python tools/eval_flips.py --pi0 PI0.jsonl --pi PI.jsonl --score-field reward [--margin 0.1]
 
 Rows are matched by "id" (or by position when rows have none) and must share
-their prompts.  --judge tiny scores each "response" with the tiny task's oracle
+their prompts.  --judge task scores each "response" by the row's answer / match (a task
+directory's test rows, fg_megatron/eval/task_dir.py); --judge tiny with the tiny task's oracle
 (1 right, 0 wrong; a negative flip is pi0 right and pi wrong); --score-field
 reads a number from each row (e.g. reward-model scores; a flip is
 score(pi) < score(pi0) - margin, margin 0.1 by default).  Prints a table

@@ -1,42 +1,74 @@
-"""The tiny flip experiment: NFR / win rate / accuracy of DPO, DPO+KD and DPO+FlipGuard.
+"""The flip study: does FlipGuard lower the negative-flip rate?  Every method from one pi0, several seeds.
 
-    python tools/run_flip_experiment.py                    # ~5 minutes on 2 CPU cores
-    python tools/run_flip_experiment.py --steps 60 --results /tmp/quick
+    python tools/run_flip_experiment.py --task assets/tiny/task --pi0 assets/tiny/pi0 \\
+        --methods dpo,dpo_kd,dpo_flipguard --seeds 3 --reward-model assets/tiny/rm --out results/tiny_flip_study
+    python tools/run_flip_experiment.py --task DIR --methods dpo,dpo_flipguard,ppo,ppo_flipguard \\
+        --reward-model RM --seeds 3 --out results/NAME          # pi0 trained from DIR/sft.jsonl by the recipe
 
-From the committed tiny pi0: greedy responses on the test prompts, then for each
-constraint DPO with the bundled config (same seed and data), the policy's greedy
-responses, and the oracle's comparison with pi0; the tiny reward model scores
-both for the RM-based NFR (margin 0.1).  Writes RESULTS.json (all
-numbers, commands, timings), RESULTS.md (the table) and RESULTS.png (gate_rate
-and chosen-reward curves; needs matplotlib).  Intermediate files go to
---work-dir.
+A task is a directory of data (fg_megatron/eval/task_dir.py): sft.jsonl (prompt,
+response), pref.jsonl (prompt, chosen, rejected), test.jsonl (prompt, answer,
+match: exact | contains | number | refusal).  Without --pi0, pi0 is trained by
+the recipe (--pi0-recipe, an SFT config) from a random init on sft.jsonl.  Each
+method trains from pi0 for each seed (DPO with --dpo-config, PPO with
+--ppo-config and the reward model), then greedy responses on test.jsonl are
+judged against pi0's.  DPO+FlipGuard is also swept over --gammas on seed 1.
+Writes OUT/report.md (table 1 as mean ± std, paired bootstrap intervals, per
+category NFR and refusal rates, the gamma sweep), OUT/report.json and PNGs
+(gate_rate curves; with --reward-model, R(pi0) vs R(pi) scatters).
 """
 
 import argparse
 
-from fg_megatron.eval.experiment import CONSTRAINTS, ExperimentSettings, run_experiment, write_results
+from fg_megatron.eval.experiment import GAMMAS, METHODS, StudyError, StudySettings, run_study, write_report
 from fg_megatron.trainers.errors import run_cli
 
+
+def _gammas(text: str) -> tuple[float, ...]:
+    if text == "none":
+        return ()
+    try:
+        return tuple(float(g) for g in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers or 'none', got {text!r}") from None
+
+
+def _settings(a: argparse.Namespace) -> StudySettings:
+    methods = tuple(m for m in a.methods.split(",") if m)
+    if not a.pi0 and not a.pi0_recipe:
+        raise StudyError("give --pi0 PATH or --pi0-recipe CONFIG")
+    return StudySettings(task=a.task, methods=methods, seeds=a.seeds, out=a.out, pi0=a.pi0,
+                         pi0_recipe=a.pi0_recipe, dpo_config=a.dpo_config, ppo_config=a.ppo_config,
+                         reward_model=None if a.reward_model in (None, "none") else a.reward_model,
+                         gammas=a.gammas, work_dir=a.work_dir, nproc=a.nproc, tp=a.tp, steps=a.steps,
+                         max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, reuse=a.reuse,
+                         dpo_overrides=tuple(a.dpo_set), ppo_overrides=tuple(a.ppo_set))
+
+
 if __name__ == "__main__":
+    d = StudySettings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = ExperimentSettings()
-    p.add_argument("--pi0", default=d.pi0)
-    p.add_argument("--prompts", default=d.prompts)
-    p.add_argument("--config", default=d.config)
-    p.add_argument("--work-dir", default=d.work_dir)
-    p.add_argument("--results", default="results/tiny_flip_experiment", help="output stem (.json/.md/.png)")
-    p.add_argument("--constraints", nargs="+", default=list(CONSTRAINTS), choices=CONSTRAINTS)
+    p.add_argument("--task", default=d.task, help="task directory (sft/pref/test .jsonl)")
+    p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated: {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds 1..N per method")
+    p.add_argument("--out", default=d.out, help="report directory")
+    p.add_argument("--pi0", default=None, help="pi0 (HF directory or fg checkpoint); default: the recipe")
+    p.add_argument("--pi0-recipe", default=d.pi0_recipe, help="SFT config that makes pi0 when --pi0 is absent")
+    p.add_argument("--dpo-config", default=d.dpo_config)
+    p.add_argument("--ppo-config", default=d.ppo_config)
+    p.add_argument("--reward-model", default=None, help="RM for the RM-based NFR and PPO's reward")
+    p.add_argument("--gammas", type=_gammas, default=d.gammas,
+                   help=f"DPO+FlipGuard gamma sweep on seed 1 (default {','.join(f'{g:g}' for g in GAMMAS)}; "
+                        "'none' to skip)")
+    p.add_argument("--work-dir", default=d.work_dir, help="intermediate checkpoints and responses")
     p.add_argument("--nproc", type=int, default=d.nproc)
     p.add_argument("--tp", type=int, default=d.tp)
-    p.add_argument("--steps", type=int, default=None, help="default: the config's")
-    p.add_argument("--seed", type=int, default=None, help="default: the config's")
+    p.add_argument("--steps", type=int, default=None, help="override every config's train.steps (quick runs)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--reward-model", default=d.reward_model,
-                   help="reward model for the RM-based NFR (margin 0.1); 'none' to skip")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="generation batch size")
+    p.add_argument("--dpo-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every DPO run (repeatable), e.g. dpo.beta=0.2")
+    p.add_argument("--ppo-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every PPO run (repeatable), e.g. ppo.rollout_batch_size=16")
     p.add_argument("--reuse", action="store_true", help="keep outputs already in --work-dir")
     a = p.parse_args()
-    settings = ExperimentSettings(pi0=a.pi0, prompts=a.prompts, config=a.config, work_dir=a.work_dir,
-                                  constraints=a.constraints, nproc=a.nproc, tp=a.tp, steps=a.steps, seed=a.seed,
-                                  max_new_tokens=a.max_new_tokens, reuse=a.reuse,
-                                  reward_model=None if a.reward_model == "none" else a.reward_model)
-    run_cli(lambda: write_results(run_experiment(settings), a.results))
+    run_cli(lambda: print(f"report: {write_report(run_study(_settings(a)))}"))

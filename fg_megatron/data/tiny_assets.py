@@ -76,9 +76,27 @@ def corpus(splits: dict[str, list[dict]]) -> list[str]:
     return texts
 
 
+# The bundled task as a task directory (fg_megatron/eval/task_dir.py) for the flip study:
+# relative links to the splits, so the data has one home.
+TASK_FILES = {"sft.jsonl": "sft_train.jsonl", "pref.jsonl": "pref_train.jsonl", "test.jsonl": "test_prompts.jsonl"}
+
+
+def link_task_dir(out: Union[str, Path]) -> Path:
+    """``out/task/{sft,pref,test}.jsonl`` -> ``../data/...`` (replacing what is there)."""
+    task = Path(out) / "task"
+    task.mkdir(parents=True, exist_ok=True)
+    for name, split in TASK_FILES.items():
+        link = task / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path("..") / "data" / split)
+    return task
+
+
 def build_tiny_assets(out: Union[str, Path], seed: int = 0, vocab_size: int = 1024,
                       sizes: dict[str, int] = SIZES) -> dict[str, Path]:
-    """Write ``out/data/{sft_train,pref_train,pref_eval,test_prompts}.jsonl`` and ``out/tokenizer/``."""
+    """Write ``out/data/{sft_train,pref_train,pref_eval,test_prompts}.jsonl``, ``out/tokenizer/``
+    and the task directory ``out/task/`` (links to the splits)."""
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     splits = generate(seed, sizes)
@@ -89,4 +107,5 @@ def build_tiny_assets(out: Union[str, Path], seed: int = 0, vocab_size: int = 10
     tokenizer = train_tokenizer(corpus(splits), vocab_size)
     save_tokenizer(tokenizer, out / "tokenizer")
     files["tokenizer"] = out / "tokenizer"
+    files["task"] = link_task_dir(out)
     return files

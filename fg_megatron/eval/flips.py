@@ -39,7 +39,14 @@ def _tiny_judge(row: Mapping[str, Any], response: str) -> float:
     return judge(row, response)
 
 
-JUDGES: dict[str, Judge] = {"tiny": _tiny_judge}
+def _task_judge(row: Mapping[str, Any], response: str) -> float:
+    from fg_megatron.data.answers import judge_row
+
+    return judge_row(row, response)
+
+
+# tiny: the bundled task's oracle; task: a task directory's test rows (answer + match)
+JUDGES: dict[str, Judge] = {"tiny": _tiny_judge, "task": _task_judge}
 
 
 def classify(s0: float, s1: float, margin: float) -> str:
