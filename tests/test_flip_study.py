@@ -156,8 +156,9 @@ def test_study_end_to_end(tmp_path):
 
     task = tmp_path / "task"
     task.mkdir()
+    # one global batch of the recipe (configs/pi0_tiny.yaml: 64 rows) at least
     write(task / "sft.jsonl", [{"prompt": H(f"What is {a} + {b}?"), "response": f" {a + b}"}
-                               for a in range(6) for b in range(6)])
+                               for a in range(9) for b in range(9)])
     write(task / "pref.jsonl", [{"prompt": H(f"What is {a} + {b}?"), "chosen": f" {a + b}",
                                  "rejected": f" {a + b + 1}"} for a in range(4) for b in range(4)])
     tests = [{"id": f"t{a}{b}", "prompt": H(f"What is {a} + {b}?"), "answer": str(a + b), "match": "number",

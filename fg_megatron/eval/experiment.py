@@ -387,8 +387,8 @@ def markdown_report(results: dict) -> str:
     lines = ["# Flip study", "",
              f"Task `{s['task']}` ({results['n_prompts']} test prompts), pi0 `{results['pi0']}` "
              f"(accuracy **{100 * results['pi0_accuracy']:.1f}%**, greedy). Each method trains from pi0 on the "
-             f"task's pairs with seeds 1-{seeds} (`{s['dpo_config']}`"
-             + (f", `{s['ppo_config']}`" if any(m.startswith("ppo") for m in results["runs"]) else "")
+             f"task's pairs with seeds 1-{seeds} ("
+             + ", ".join(f"`{s[k + '_config']}`" for k in ("dpo", "ppo") if any(METHODS[m][0] == k for m in results["runs"]))
              + f"; {s['nproc']} processes at TP={s['tp']}); greedy responses are judged by each test row's "
              "`answer` / `match`. A negative flip is a prompt pi0 answered right and pi answers wrong; rates are "
              f"% of all prompts, mean ± std over {seeds} seeds.", "",

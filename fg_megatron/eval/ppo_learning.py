@@ -18,7 +18,7 @@ from fg_megatron.eval.experiment import ROOT, _shown, _torchrun, read_metrics
 
 # The settings of the committed result (results/ppo_oracle_learning.md): the bundled PPO
 # config with the oracle as reward, a larger lr than the RM default (0/1 rewards are sparse).
-LEARNING_ARGS = ("--reward-source", "oracle", "--lr", "2e-4", "--kl-coef", "0.02", "--set", "ppo.critic_lr=1e-4",
+LEARNING_ARGS = ("--reward-source", "oracle", "--lr", "5e-4", "--kl-coef", "0.02", "--set", "ppo.critic_lr=1e-4",
                  "--set", "train.save_every=0", "--set", "train.tensorboard=false")
 
 
