@@ -95,7 +95,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> None:
+DEFAULT_TIMEOUT_MINUTES = 10.0
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Initialise torch.distributed from torchrun's environment (or as a 1-process
     world when started with plain ``python``): gloo on CPU, NCCL on GPU."""
     if dist.is_initialized():
@@ -113,17 +116,19 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
 
 
 def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Optional[int] = None,
-               num_heads: Optional[int] = None, num_layers: Optional[int] = None) -> ParallelContext:
+               num_heads: Optional[int] = None, num_layers: Optional[int] = None,
+               timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> ParallelContext:
     """Set up torch.distributed and megatron-core's TP/PP/DP groups.
 
     The layout is validated before any collective is issued, so a bad layout is
-    a one-line error on every rank.
+    a one-line error on every rank.  A collective that waits longer than
+    ``timeout_minutes`` (a rank stalled or dead) fails on the ranks waiting for it.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_layout(world_size, tp, pp, num_kv_heads=num_kv_heads, num_heads=num_heads,
                     num_layers=num_layers)
     platform.adapt_megatron_for_cpu()
-    init_distributed()
+    init_distributed(timeout_minutes)
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
@@ -134,6 +139,7 @@ def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Opti
         # megatron-core's distributed-optimizer checkpoint path moves its state over
         # gloo groups; on CPU the default groups already are gloo.
         create_gloo_process_groups=dist.get_backend() == "nccl",
+        distributed_timeout_minutes=timeout_minutes,  # megatron's own groups would wait 30 minutes
     )
     ctx = context_from_megatron()
     platform.seed_everything(seed, ctx.tp_rank)
@@ -170,6 +176,17 @@ def gather_to_main(ctx: ParallelContext, items: list, owner: bool) -> Optional[l
     if not ctx.is_main:
         return None
     return [item for part in gathered for item in (part or [])]
+
+
+def first_error(message: Optional[str]) -> Optional[str]:
+    """The first non-None ``message`` over all ranks (lowest rank first), on every rank:
+    lets a check that fails on some ranks stop every rank with the same line.  Every
+    rank must call it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return message
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m is not None), None)
 
 
 def shutdown() -> None:

@@ -266,6 +266,43 @@ _TENSOR_CUDA_METHODS = (
      "setup_embeddings_and_output_layer"),
 )
 
+
+@contextlib.contextmanager
+def _tensor_type_names_cuda() -> Iterator[None]:
+    original = torch.Tensor.type
+
+    def cuda_type(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+
+    torch.Tensor.type = cuda_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _with_cuda_type_names(fn):
+    """Run a megatron-core method with ``Tensor.type()`` naming CPU tensors as CUDA ones
+    (``Float16OptimizerWithFloat16Params`` sorts parameters by ``torch.cuda.HalfTensor`` /
+    ``torch.cuda.BFloat16Tensor`` / ``torch.cuda.FloatTensor`` and refuses anything else)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _tensor_type_names_cuda():
+            return fn(*args, **kwargs)
+
+    wrapper.__fg_cpu_adapted__ = True
+    return wrapper
+
+
+# Methods that check ``tensor.type()`` against CUDA type names: the fp16/bf16 optimizer.
+_TENSOR_TYPE_METHODS = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
+)
+
 _ADAPTED = False
 
 
@@ -301,6 +338,9 @@ def adapt_megatron_for_cpu() -> bool:
     for module_name, cls_name, method in _TENSOR_CUDA_METHODS:
         cls = getattr(importlib.import_module(module_name), cls_name)
         setattr(cls, method, _without_tensor_cuda(getattr(cls, method)))
+    for module_name, cls_name, method in _TENSOR_TYPE_METHODS:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        setattr(cls, method, _with_cuda_type_names(getattr(cls, method)))
 
     from megatron.core.tensor_parallel import random as mcore_random
 

@@ -42,6 +42,17 @@ def test_defaults_are_the_papers():
     ("data.max_prompt_length=0", "data.max_prompt_length and data.max_response_length must be >= 1"),
     ("model.vocab_pad_multiple=0", "model.vocab_pad_multiple must be >= 1"),
     ("optim.min_lr=1", "0 <= min_lr <= lr"),
+    # NaN compares false with every bound, so range checks alone would let these through
+    ("dpo.gamma=nan", "dpo.gamma: must be a finite number, got 'nan'"),
+    ("dpo.gamma=.nan", "dpo.gamma: must be a finite number"),
+    ("optim.lr=inf", "optim.lr: must be a finite number, got 'inf'"),
+    ("optim.lr=nan", "optim.lr: must be a finite number"),
+    ("dpo.epsilon=-inf", "dpo.epsilon: must be a finite number"),
+    ("ppo.kl_coef=nan", "unknown key 'ppo'"),  # a DPO config has no ppo section
+    ("optim.lr=0", "optim.lr must be > 0 (got 0.0): a zero learning rate trains nothing"),
+    ("optim.adam_beta2=1", "optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)"),
+    ("optim.adam_eps=0", "optim.adam_eps > 0"),
+    ("optim.initial_loss_scale=0", "optim.initial_loss_scale and optim.loss_scale_window must be >= 1"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as exc:
@@ -49,6 +60,44 @@ def test_bad_values_are_one_line_errors(override, needle):
     msg = str(exc.value)
     assert needle in msg and "\n" not in msg
     assert msg.startswith(f"{ROOT / 'configs/dpo_tiny.yaml'} with overrides ")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("ppo.kl_coef=nan", "ppo.kl_coef: must be a finite number"),
+    ("ppo.missing_eos_penalty=inf", "ppo.missing_eos_penalty: must be a finite number"),
+    ("ppo.score_clip=0", "ppo.score_clip must be > 0 or null"),
+    ("ppo.missing_eos_penalty=-1", "ppo.missing_eos_penalty must be >= 0 or null"),
+    ("ppo.critic_lr=nan", "ppo.critic_lr: must be a finite number"),
+])
+def test_bad_ppo_values_are_one_line_errors(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config(PPORunConfig, ROOT / "configs/ppo_tiny.yaml", [override])
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_every_float_field_refuses_nan_and_inf():
+    """Walk every float field of every run config: none accepts a non-finite value."""
+    import dataclasses
+    import typing
+
+    from fg_megatron.config.loader import _unwrap_optional
+
+    def float_fields(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp, _ = _unwrap_optional(typing.get_type_hints(cls)[f.name])
+            if dataclasses.is_dataclass(tp):
+                yield from float_fields(tp, f"{prefix}{f.name}.")
+            elif tp is float:
+                yield f"{prefix}{f.name}"
+
+    checked = 0
+    for cls in (DPORunConfig, PPORunConfig, RMRunConfig, SFTRunConfig):
+        for key in float_fields(cls):
+            for bad in ("nan", "inf", "-inf"):
+                with pytest.raises(ConfigError, match=f"{key}: must be a finite number"):
+                    load_config(cls, overrides=[f"{key}={bad}"])
+            checked += 1
+    assert checked > 40
 
 
 def test_label_smoothing_only_with_sigmoid():

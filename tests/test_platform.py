@@ -76,6 +76,19 @@ def test_tied_embedding_cuda_copy_is_wrapped_and_scoped():
         torch.ones(1).cuda()
 
 
+def test_fp16_optimizer_accepts_cpu_params_and_the_type_names_are_scoped():
+    """Float16OptimizerWithFloat16Params sorts params by CUDA type names; on CPU they are
+    renamed for its constructor only (tests/test_hardening.py trains through it)."""
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    assert getattr(Float16OptimizerWithFloat16Params.__init__, "__fg_cpu_adapted__", False)
+    with platform._tensor_type_names_cuda():
+        assert torch.ones(1, dtype=torch.float16).type() == "torch.cuda.HalfTensor"
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1).type(torch.float64).dtype == torch.float64  # conversions untouched
+    assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.BFloat16Tensor"
+
+
 def test_transformers_still_imports_with_repo_root_on_path(tmp_path):
     """kernels/ must not shadow the PyPI `kernels` package transformers probes."""
     from dist_utils import ROOT

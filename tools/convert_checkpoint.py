@@ -3,6 +3,10 @@
     python tools/convert_checkpoint.py hf-to-fg --hf DIR --out CKPT --tp T --pp P [--head value]
     python tools/convert_checkpoint.py fg-to-hf --ckpt CKPT --out DIR [--layout chatglm]
     python tools/convert_checkpoint.py reshard --ckpt CKPT --out CKPT2 --tp T --pp P
+    python tools/convert_checkpoint.py verify --ckpt DIR
+
+``verify`` checks every file of a training checkpoint against the sha256 recorded
+when it was saved (``DIR``: a run's ``--save`` directory, one ``step_N``, or its ``model/``).
 
 Every sub-command also takes ``--dtype {float32,bfloat16,float16}`` (default:
 keep the checkpoint's) and ``--force`` (replace a non-empty output directory).
@@ -75,14 +79,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", type=Path, required=True)
     common(p)
     layout(p, None)
+    p = sub.add_parser("verify", help="check a training checkpoint's files against their recorded sha256")
+    p.add_argument("--ckpt", type=Path, required=True,
+                   help="a run's --save directory (every checkpoint in it), a step_N directory or its model/")
     return parser.parse_args(argv)
+
+
+def verify(path: Path) -> None:
+    from fg_megatron.checkpoint import integrity
+
+    if not path.exists():
+        raise CheckpointMismatchError(f"{path}: no such directory")
+    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if p.is_dir()) if (path / "checkpoints").is_dir() else [path]
+    for step in steps:
+        manifest, count = integrity.verify_tree(step)
+        print(f"verify: {step}: {count} files match {manifest.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    dtype = DTYPE_NAMES[args.dtype] if args.dtype else None
+    dtype = DTYPE_NAMES[args.dtype] if getattr(args, "dtype", None) else None
     start = time.perf_counter()
     try:
+        if args.command == "verify":
+            verify(args.ckpt)
+            return 0
         if args.command == "hf-to-fg":
             convert.hf_to_fg(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
                              vocab_pad_multiple=args.vocab_pad_multiple or convert.DEFAULT_VOCAB_PAD_MULTIPLE,

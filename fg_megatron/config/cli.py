@@ -93,6 +93,11 @@ def build_parser(description: str, flags: dict, default_config: Optional[str]) -
         parser.add_argument(flag, action=_Override, key=key, dest=f"_{key}", default=None, **kwargs)
     parser.add_argument("--resume", action=_Override, key="train.resume", nargs=0, dest="_resume",
                         help="continue from the latest checkpoint in --save")
+    parser.add_argument("--overwrite", action=_Override, key="train.overwrite", nargs=0, dest="_overwrite",
+                        help="start afresh in a --save that holds an earlier run's output (deleting it)")
+    parser.add_argument("--allow-change", action=_Override, key="train.allow_change", dest="_allow_change",
+                        metavar="FIELD", help="with --resume: let FIELD (e.g. optim.lr, or a section: dpo) differ "
+                        "from the run being resumed; repeat for several")
     parser.add_argument("--set", action=_Override, key="--set", dest="_set", default=None,
                         metavar="KEY=VALUE", help="any config field by dotted name, e.g. optim.warmup_steps=10")
     return parser
@@ -104,11 +109,16 @@ def parse_run_config(cls: type[T], argv: Optional[Sequence[str]], *, description
     parser = build_parser(description, flags, default_config)
     args = parser.parse_args(argv)
     overrides = []
+    allowed: list[str] = []
     for item in getattr(args, "overrides", None) or []:
-        if isinstance(item, tuple) and item[0] == "train.resume":
-            overrides.append(("train.resume", True))
+        if isinstance(item, tuple) and item[0] in ("train.resume", "train.overwrite"):
+            overrides.append((item[0], True))
+        elif isinstance(item, tuple) and item[0] == "train.allow_change":
+            allowed.append(item[1])
         else:
             overrides.append(item)
+    if allowed:
+        overrides.append(("train.allow_change", allowed))
     config_path = resolve_path(args.config) if args.config else None
     return load_config(cls, config_path, overrides)
 

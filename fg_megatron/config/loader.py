@@ -8,6 +8,7 @@ name the file (or ``--set``) and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -88,9 +89,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        # No config field means anything with NaN or inf; YAML's .nan / "inf" would pass
+        # every range check below (NaN compares false) and surface steps later.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -182,6 +188,8 @@ def load_config(cls: type[T], path: Optional[Union[str, Path]] = None,
             raise ConfigError(f"{path}:{line} invalid YAML ({getattr(exc, 'problem', exc)})") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: top level must be a mapping")
+        # A run's config.yaml records its resumes' changes; the record is not a setting.
+        loaded = {k: v for k, v in loaded.items() if k != HISTORY_KEY}
         tree = _merge(tree, loaded)
         try:
             _build(cls, tree, "")
@@ -201,6 +209,16 @@ def load_config(cls: type[T], path: Optional[Union[str, Path]] = None,
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def save_config(obj: Any, path: Union[str, Path]) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True),
-                          encoding="utf-8")
+HISTORY_KEY = "resume_history"
+
+
+def save_config(obj: Any, path: Union[str, Path], history: Optional[list[dict]] = None) -> None:
+    """Write ``obj`` as YAML (atomically); ``history``: the (step, field, old, new) changes of
+    earlier resumes, kept under ``resume_history`` (ignored by :func:`load_config`)."""
+    tree = to_dict(obj)
+    if history:
+        tree[HISTORY_KEY] = history
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)

@@ -18,10 +18,15 @@ LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (must divide the model's KV heads)
     pp: int = 1  # pipeline-parallel size (must divide the layers); DP = world / (tp * pp)
+    # A collective that waits longer than this (a rank stalled, hung or dead) fails on the waiting
+    # ranks and torchrun stops the job.
+    timeout_minutes: float = 10.0
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"parallel.tp and parallel.pp must be >= 1 (got {self.tp}, {self.pp})")
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes must be > 0 (got {self.timeout_minutes})")
 
 
 @dataclass
@@ -73,13 +78,26 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # max global grad norm; 0 disables clipping
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (NCCL only; not yet verified on GPU)
+    # model.dtype float16 only: dynamic loss scaling (halved after 2 overflowing steps, which are
+    # skipped; doubled after loss_scale_window clean ones).  2^16 as torch.amp and DeepSpeed; Megatron-LM starts at 2^32 and skips
+    # its first ~30 steps.
+    initial_loss_scale: float = 65536.0
+    loss_scale_window: int = 1000
 
     def __post_init__(self) -> None:
-        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"optim.lr and optim.min_lr must satisfy 0 <= min_lr <= lr "
-                              f"(got lr={self.lr}, min_lr={self.min_lr})")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0 (got {self.lr}): a zero learning rate trains nothing")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr must satisfy 0 <= min_lr <= lr (got lr={self.lr}, min_lr={self.min_lr})")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad < 0:
-            raise ConfigError("optim.warmup_steps, optim.weight_decay and optim.clip_grad must be >= 0")
+            raise ConfigError(f"optim.warmup_steps, optim.weight_decay and optim.clip_grad must be >= 0 (got "
+                              f"{self.warmup_steps}, {self.weight_decay}, {self.clip_grad})")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1 and self.adam_eps > 0):
+            raise ConfigError(f"optim.adam_beta1 and optim.adam_beta2 must be in [0, 1) and optim.adam_eps > 0 "
+                              f"(got {self.adam_beta1}, {self.adam_beta2}, {self.adam_eps})")
+        if not (self.initial_loss_scale >= 1 and self.loss_scale_window >= 1):
+            raise ConfigError(f"optim.initial_loss_scale and optim.loss_scale_window must be >= 1 "
+                              f"(got {self.initial_loss_scale}, {self.loss_scale_window})")
 
 
 @dataclass
@@ -93,6 +111,13 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept on disk
     log_every: int = 1  # print a progress line every N steps (metrics.jsonl gets every step)
     resume: bool = False  # continue from the latest checkpoint in `save`
+    overwrite: bool = False  # start afresh in a `save` that holds an earlier run's output (deleted first)
+    # fields a resumed run may change (dotted names, or a section such as `dpo`); each change is
+    # applied from the resumed step and recorded in config.yaml's resume_history
+    allow_change: list[str] = field(default_factory=list)
+    # stop (before saving) when the weight norm changes by more than this factor in one step, or the
+    # loss exceeds this factor times its recent maximum; 0 disables (NaN/inf always stops)
+    divergence_factor: float = 3.0
     log_gated_ids: bool = False  # write the ids of FlipGuard-gated samples per step
     tensorboard: bool = True
     eval_every: int = 0  # evaluate data.eval every N steps and at the end (0: never)
@@ -103,6 +128,11 @@ class TrainConfig:
         if self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
+        if self.resume and self.overwrite:
+            raise ConfigError("train.resume and train.overwrite exclude each other: continue the run in train.save, "
+                              "or delete it and start afresh")
+        if self.divergence_factor != 0 and not self.divergence_factor > 1:
+            raise ConfigError(f"train.divergence_factor must be > 1, or 0 to disable (got {self.divergence_factor})")
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1 or self.eval_every < 0:
             raise ConfigError("train.save_every, train.keep_last and train.eval_every must be >= 0, "
                               "train.log_every >= 1")
@@ -192,6 +222,10 @@ class PPOConfig:
             raise ConfigError("ppo.clip_range and ppo.value_clip_range must be > 0, ppo.kl_coef and ppo.gamma >= 0")
         if self.critic_lr is not None and not self.critic_lr > 0:
             raise ConfigError(f"ppo.critic_lr must be > 0 (got {self.critic_lr})")
+        if self.score_clip is not None and not self.score_clip > 0:
+            raise ConfigError(f"ppo.score_clip must be > 0 or null (got {self.score_clip})")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(f"ppo.missing_eos_penalty must be >= 0 or null (got {self.missing_eos_penalty})")
 
 
 @dataclass

@@ -14,12 +14,18 @@ Layout of ``SAVE/checkpoints/``::
             optim_tp00_pp00.*
         rng_rank00000.*          RNG states of each rank
         trainer_state.json       step, data position, each part's scheduler, the run's config
+        SHA256SUMS               sha256 of every file above (``sha256sum -c`` format), written last
 
 Frozen parts (references, reward models) are not saved: they are reloaded from
 their own checkpoints.  A checkpoint is written into ``.step_000040.tmp`` and renamed when every rank
 has finished; ``latest`` is replaced atomically afterwards.  A run killed while
 saving leaves ``latest`` pointing at the previous checkpoint, which stays
 loadable; leftover ``.tmp`` directories are removed by the next save.
+
+Integrity: a save first checks that every parameter of every trainable part is
+finite (a diverged model is never saved, so ``latest`` never names one), and
+ends with the checksum manifest; ``--resume`` verifies every file against it
+before using any (:mod:`fg_megatron.checkpoint.integrity`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,15 +43,20 @@ import torch
 import torch.distributed as dist
 
 from fg_megatron import platform
+from fg_megatron.checkpoint import integrity
 from fg_megatron.checkpoint.layout import FgCheckpoint
 from fg_megatron.checkpoint.load import load_stage_state, save_model
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError
 from fg_megatron.checkpoint.state_io import load_state, save_state
-from fg_megatron.parallel import get_logger
-from fg_megatron.trainers.engine import Engine
+from fg_megatron.parallel import first_error, get_logger
+from fg_megatron.trainers.engine import Engine, apply_optim_config
 from fg_megatron.trainers.parts import ModelPart
 
 log = get_logger("checkpoint")
+
+
+class NonFiniteCheckpointError(RuntimeError):
+    """A trainable model holds NaN/inf parameters: it is not saved."""
 
 LATEST = "latest"
 
@@ -84,9 +96,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def fault_point(name: str, step: int) -> None:
-    """Test hook: ``FG_FAULT=name:step`` kills the process here (as a SIGKILL would)."""
-    if os.environ.get("FG_FAULT") == f"{name}:{step}":
+    """Test hook: ``FG_FAULT=name:step`` kills the process here (as a SIGKILL would);
+    ``FG_FAULT=stall:step:rank`` stops that rank here (as a SIGSTOP or a hung collective would)."""
+    fault = os.environ.get("FG_FAULT", "")
+    if fault == f"{name}:{step}":
         os._exit(137)
+    if fault == f"stall:{step}:{os.environ.get('RANK', '0')}" and name == "step":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def part_dir(step_dir: Path, part: ModelPart, primary: str) -> Path:
@@ -115,6 +131,12 @@ def save_checkpoint(parts: dict[str, ModelPart], primary: str, save_dir: Path, s
     trainable = [p for p in parts.values() if p.trainable]
     ctx = trainable[0].engine.ctx
     root = Path(save_dir) / "checkpoints"
+    bad = first_error(_first_nonfinite(trainable, ctx))
+    if bad is not None:
+        latest = latest_checkpoint(save_dir)
+        raise NonFiniteCheckpointError(
+            f"step {step}: {bad}; the model diverged and was not saved (latest checkpoint: "
+            f"{latest.name if latest else 'none'}); lower optim.lr")
     final = root / _step_name(step)
     tmp = root / f".{_step_name(step)}.tmp"
     if ctx.is_main:
@@ -137,6 +159,7 @@ def save_checkpoint(parts: dict[str, ModelPart], primary: str, save_dir: Path, s
                      layout={"tp": ctx.tp, "pp": ctx.pp, "dp": ctx.dp, "world_size": ctx.world_size})
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     _barrier()
+    _write_checksums(tmp, ctx)
     if ctx.is_main:
         os.rename(tmp, final)
         pointer = root / f".{LATEST}.tmp"
@@ -145,6 +168,57 @@ def save_checkpoint(parts: dict[str, ModelPart], primary: str, save_dir: Path, s
         _prune(root, keep_last, final)
     _barrier()
     return final
+
+
+def _first_nonfinite(trainable: list[ModelPart], ctx) -> Optional[str]:
+    for part in trainable:
+        for name, param in part.module.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                return (f"parameter {name} of {part.name} (tp rank {ctx.tp_rank}, pp stage {ctx.pp_rank}) "
+                        f"holds NaN/inf")
+    return None
+
+
+def _split_over_ranks(items: list, ctx) -> list:
+    return items[ctx.rank::ctx.world_size]
+
+
+def _write_checksums(step_dir: Path, ctx) -> None:
+    """Hash every file of the checkpoint (the ranks share the work) and write the manifest."""
+    names = [integrity.files_under(step_dir) if ctx.is_main else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(names, src=0)
+    mine = integrity.digests(step_dir, _split_over_ranks(names[0], ctx))
+    gathered = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+    if ctx.is_main:
+        integrity.write_manifest(step_dir, {k: v for part in gathered for k, v in part.items()})
+    _barrier()
+
+
+def verify_checkpoint(path: Path, ctx) -> None:
+    """Check every file of checkpoint ``path`` against its manifest (the ranks share the work);
+    a checkpoint saved before checksums existed is loaded with a warning."""
+    manifest = Path(path) / integrity.MANIFEST
+    if not manifest.is_file():
+        log.warning("%s has no %s (saved by an older version): its files are not verified", path,
+                    integrity.MANIFEST)
+        return
+    message = None
+    try:
+        names = sorted(integrity.read_manifest(manifest))
+        present = {p.relative_to(path).as_posix() for p in integrity.files_under(path)}
+        missing = sorted(set(names) - present)
+        if missing:
+            raise integrity.ChecksumMismatchError(f"{Path(path) / missing[0]}: listed in {manifest} but missing")
+        integrity.verify_files(manifest, _split_over_ranks(names, ctx))
+    except integrity.ChecksumMismatchError as exc:
+        message = str(exc)
+    message = first_error(message)
+    if message is not None:
+        raise integrity.ChecksumMismatchError(message)
 
 
 def _distributed_optimizer(engine: Engine) -> bool:
@@ -189,12 +263,17 @@ def _load_part(part: ModelPart, where: Path) -> None:
         engine.optimizer.load_parameter_state_from_dp_zero(param_state)
 
 
-def load_checkpoint(parts: dict[str, ModelPart], primary: str, path: Path) -> dict:
+def load_checkpoint(parts: dict[str, ModelPart], primary: str, path: Path, *, verify: bool = True,
+                    rebuild_schedule: bool = False) -> dict:
     """Restore every trainable part (model, optimizer, scheduler) and the RNG from ``path``;
-    return the trainer state."""
+    return the trainer state.  ``verify=False``: the caller has verified the checksums;
+    ``rebuild_schedule``: the parts' own optim settings replace the saved ones
+    (:func:`~fg_megatron.trainers.engine.apply_optim_config`)."""
     trainable = [p for p in parts.values() if p.trainable]
     ctx = trainable[0].engine.ctx
     path = Path(path)
+    if verify:
+        verify_checkpoint(path, ctx)
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     layout = state.get("layout", {})
     if (layout.get("tp"), layout.get("pp"), layout.get("dp")) != (ctx.tp, ctx.pp, ctx.dp):
@@ -209,6 +288,9 @@ def load_checkpoint(parts: dict[str, ModelPart], primary: str, path: Path) -> di
                                       f"{sorted(p.name for p in trainable)}")
     for part in trainable:
         _load_part(part, part_dir(path, part, primary))
-        part.engine.scheduler.load_state_dict(schedulers[part.name])
+        if rebuild_schedule:
+            apply_optim_config(part.engine, schedulers[part.name])
+        else:
+            part.engine.scheduler.load_state_dict(schedulers[part.name])
     set_rng_state(load_state(path / f"rng_rank{ctx.rank:05d}"))
     return state

@@ -45,6 +45,7 @@ class DPOTask:
                                                    cfg.data.max_prompt_length, cfg.data.max_response_length,
                                                    format=cfg.data.format,
                                                    chat_template=cfg.data.chat_template)
+        run.check_context(self.dataset)
         self.stream = self._new_stream()
         self.reference_logps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reference: Optional[ModelPart] = None  # online reference: a frozen part kept for the run

@@ -36,6 +36,7 @@ class Engine:
     optimizer: Any  # megatron-core MegatronOptimizer
     scheduler: Any  # megatron-core OptimizerParamScheduler
     total_steps: int
+    optim: Optional[OptimConfig] = None  # what the optimizer and scheduler were built from
 
     @property
     def module(self):
@@ -94,8 +95,13 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
         params_dtype=dtype,
         use_distributed_optimizer=use_dist_opt,
         log_num_zeros_in_grad=False,
+        initial_loss_scale=optim.initial_loss_scale,
+        loss_scale_window=optim.loss_scale_window,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=use_dist_opt)
+    # fp16: the optimizer divides every gradient by its loss scale, so the schedules must
+    # multiply the loss by it (Megatron-LM's training loop sets the same hook).
+    tconfig.grad_scale_func = optimizer.scale_loss if opt_config.fp16 else None
     decay_steps = max(total_steps, 1)
     warmup = optim.warmup_steps
     if warmup >= decay_steps:
@@ -118,7 +124,26 @@ def build_engine(model, ctx: ParallelContext, optim: OptimConfig, total_steps: i
         override_opt_param_scheduler=False,
     )
     return Engine(ctx=ctx, model=ddp, optimizer=optimizer, scheduler=scheduler,
-                  total_steps=total_steps)
+                  total_steps=total_steps, optim=optim)
+
+
+def apply_optim_config(engine: Engine, scheduler_state: dict) -> None:
+    """After loading a checkpoint, make the run's own ``optim`` settings rule: a resume that
+    was allowed to change ``optim.*`` gets the new peak/min lr, Adam betas and eps in every
+    parameter group (a checkpoint's groups carry the old ones) and an lr schedule rebuilt
+    from the new settings, continuing at the checkpoint's step count."""
+    optim = engine.optim
+    for opt in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
+        for group in opt.param_groups:
+            group.update(max_lr=optim.lr, min_lr=optim.min_lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                         eps=optim.adam_eps)
+        opt.config.clip_grad = optim.clip_grad
+    scheduler = engine.scheduler
+    # megatron-core's scheduler keeps its constructor's values (the new config) when overriding
+    # and takes only the step count from the saved state.
+    scheduler.override_opt_param_scheduler = True
+    scheduler.use_checkpoint_opt_param_scheduler = False
+    scheduler.load_state_dict(scheduler_state)
 
 
 def train_step(engine: Engine, microbatches: list[Batch], loss_fn: LossFn) -> tuple[list, dict]:
@@ -153,7 +178,7 @@ def _guarded_optimizer_step(optimizer) -> tuple[bool, float]:
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(
             f"gradient norm is {grad_norm}: the loss or its gradient is NaN/inf; the step was "
-            "not applied and nothing was saved (lower optim.lr or check the data)")
+            "not applied (lower optim.lr or check the data)")
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         clip = opt.config.clip_grad
         # megatron-core's clip_grad_by_total_norm_fp32 asserts CUDA tensors; same math here.

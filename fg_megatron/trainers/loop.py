@@ -11,6 +11,7 @@ bottom.
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,14 @@ from fg_megatron import parallel
 from fg_megatron.checkpoint.tokenizer import load_tokenizer
 from fg_megatron.config import ConfigError, save_config, to_dict
 from fg_megatron.config.cli import resolve_path
+from fg_megatron.data import DataFormatError
 from fg_megatron.logprobs import LogprobOp, build_logprob_op
-from fg_megatron.parallel import ParallelContext, get_logger
-from fg_megatron.trainers.checkpointing import (existing_checkpoints, fault_point, latest_checkpoint,
-                                                load_checkpoint, save_checkpoint)
-from fg_megatron.trainers.engine import model_dtype
+from fg_megatron.parallel import ParallelContext, first_error, get_logger
+from fg_megatron.trainers import errors, resume, rundir
+from fg_megatron.trainers.checkpointing import (fault_point, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                                verify_checkpoint)
+from fg_megatron.trainers.engine import NonFiniteLossError, model_dtype
+from fg_megatron.trainers.guard import DivergenceError, DivergenceGuard, weight_norm
 from fg_megatron.trainers.metrics import MetricsWriter, summary_table
 from fg_megatron.trainers.parts import ModelPart, free_part, load_part
 
@@ -48,6 +52,10 @@ class Run:
     parts: dict[str, ModelPart] = field(default_factory=dict)
     primary: Optional[str] = None  # the first trainable part: saved as step_N/model
     start_step: int = 0
+    resume_from: Optional[Path] = None  # the checkpoint --resume continues (verified, config checked)
+    history: list[dict] = field(default_factory=list)  # config changes of earlier resumes (resume.py)
+    lock: Optional[rundir.RunLock] = None  # rank 0's hold on save_dir
+    rebuild_schedule: bool = False  # the resume changed optim.*: the lr schedule follows the new values
 
     def load(self, name: str, path: str, *, trainable: bool, head: Optional[str] = None,
              total_steps: Optional[int] = None, optim: Any = None) -> ModelPart:
@@ -65,6 +73,21 @@ class Run:
 
     def free(self, name: str) -> None:
         free_part(self.parts, name)
+
+    def check_context(self, dataset: Any, *, extra: int = 0, budget: str = "") -> None:
+        """Every sample of ``dataset`` (``extra`` more tokens each: a generation budget named
+        ``budget``) fits the positions of every loaded model; the first that does not is a
+        data error naming its file and line (the run's length limits truncate, this refuses)."""
+        name, limit = min(((n, p.arch.max_position_embeddings) for n, p in self.parts.items()), key=lambda x: x[1])
+        data = self.cfg.data
+        for i, item in enumerate(dataset.items):
+            if item.length + extra > limit:
+                path, line = dataset.records[i].source.rsplit(":", 1)
+                size = f"{item.length} tokens + {budget}={extra}" if extra else f"{item.length} tokens"
+                raise DataFormatError(path, int(line), f"{size} after truncation to data.max_prompt_length="
+                                      f"{data.max_prompt_length}, data.max_response_length={data.max_response_length}: "
+                                      f"more than the {limit} positions of {name} (max_position_embeddings); lower "
+                                      f"those limits to truncate further")
 
 
 class Task(Protocol):
@@ -106,74 +129,114 @@ def reduce_stats(ctx: ParallelContext, keys: tuple[str, ...], stats: list[dict])
     return reduce_sums(ctx, keys, mine)
 
 
-# Fields a resumed run must share with the run it continues (the data order and
-# the objective would silently change otherwise).
-RESUME_INVARIANTS = ("model.load", "data.train", "data.format", "data.max_prompt_length",
-                     "data.max_response_length", "data.chat_template", "train.global_batch_size", "train.seed")
+def _claim_save_dir(cfg: Any, ctx: ParallelContext) -> Optional[rundir.RunLock]:
+    """Rank 0 locks train.save and refuses (or, with --overwrite, clears) an earlier run's
+    output; every rank raises the same one-line error if that fails."""
+    save_dir = Path(cfg.train.save)
+    lock, message = None, None
+    if ctx.is_main:
+        try:
+            lock = rundir.RunLock.acquire(save_dir)
+            left = rundir.earlier_output(save_dir)
+            if left and cfg.train.overwrite:
+                log.info("--overwrite: deleting the earlier run's %s in %s", ", ".join(left), save_dir)
+                rundir.delete_earlier_output(save_dir)
+            elif left and not cfg.train.resume:
+                raise rundir.RunDirectoryError(
+                    f"train.save={save_dir} holds an earlier run's output ({', '.join(left)}); pass --resume to "
+                    f"continue it, --overwrite to delete it and start afresh, or choose another --save")
+        except rundir.RunDirectoryError as exc:
+            message = str(exc)
+            if lock is not None:
+                lock.release()
+    message = first_error(message)
+    if message is not None:
+        raise rundir.RunDirectoryError(message)
+    return lock
 
 
-def _dotted(tree: dict, key: str) -> Any:
-    for part in key.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
-def check_save_dir(cfg: Any) -> None:
-    """A fresh run never writes into another run's checkpoints."""
-    existing = existing_checkpoints(Path(cfg.train.save))
-    if existing and not cfg.train.resume:
-        raise ConfigError(f"train.save={cfg.train.save} already holds checkpoints ({existing[-1].name}); "
-                          f"pass --resume to continue that run, or choose another --save")
-
-
-def check_resume_config(cfg: Any, saved: Optional[dict], ckpt: Path) -> None:
-    if not saved:
+def _check_resume(run: Run) -> None:
+    """Before any model is loaded: verify the checkpoint --resume continues and check the new
+    config against the one it was trained with (:mod:`.resume`)."""
+    ckpt = latest_checkpoint(run.save_dir)
+    if ckpt is None:
+        log.info("--resume: no checkpoint in %s, starting from step 0", run.save_dir / "checkpoints")
         return
-    now = to_dict(cfg)
-    for key in RESUME_INVARIANTS:
-        if _dotted(saved, key) != _dotted(now, key):
-            raise ConfigError(f"{ckpt}: {key} was {_dotted(saved, key)!r} in the run being resumed, now "
-                              f"{_dotted(now, key)!r}; resume with the same value or start a new --save")
-    if _dotted(saved, "train.steps") != cfg.train.steps:
-        log.warning("train.steps changed from %s to %s: the checkpoint's learning-rate schedule is kept",
-                    _dotted(saved, "train.steps"), cfg.train.steps)
+    verify_checkpoint(ckpt, run.ctx)
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    step = int(state["step"])
+    run.history = list(state.get("config_history", [])) + resume.resume_changes(state.get("config") or {}, run.cfg,
+                                                                                ckpt, step)
+    for change in run.history:
+        if change["step"] == step:
+            log.info("resume at step %d: %s %r -> %r", step, change["field"], change["old"], change["new"])
+    run.resume_from = ckpt
+    run.rebuild_schedule = resume.rebuilds_schedule(run.history, step)
 
 
 def setup_run(cfg: Any) -> Run:
-    check_save_dir(cfg)
-    ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    resume.check_allow_change(cfg)
+    rundir.check_writable(Path(cfg.train.save))
+    ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
+                              timeout_minutes=cfg.parallel.timeout_minutes)
     if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
                           f"data-parallel size {ctx.dp} x train.micro_batch_size={cfg.train.micro_batch_size}")
-    return Run(cfg=cfg, ctx=ctx, tokenizer=load_tokenizer(resolve_path(cfg.model.load)),
-               dtype=model_dtype(cfg.model.dtype), save_dir=Path(cfg.train.save),
-               logprobs=build_logprob_op(cfg.model.logprob_impl, ctx.tp_group))
+    lock = _claim_save_dir(cfg, ctx)
+    try:
+        run = Run(cfg=cfg, ctx=ctx, tokenizer=load_tokenizer(resolve_path(cfg.model.load)),
+                  dtype=model_dtype(cfg.model.dtype), save_dir=Path(cfg.train.save),
+                  logprobs=build_logprob_op(cfg.model.logprob_impl, ctx.tp_group), lock=lock)
+        if cfg.train.resume:
+            _check_resume(run)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return run
+
+
+def _weight_norms(run: Run) -> dict[str, float]:
+    return {name: weight_norm(part.module, run.ctx) for name, part in run.parts.items() if part.trainable}
+
+
+def _latest_name(save_dir: Path) -> str:
+    try:
+        latest = latest_checkpoint(save_dir)
+    except Exception:  # a damaged pointer must not hide the error being reported
+        latest = None
+    return latest.name if latest is not None else "none"
 
 
 def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
     """Run a training job to completion; returns the last iteration's metrics."""
     run = setup_run(cfg)
-    ctx = run.ctx
+    try:
+        return _train(run, make_task)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
+    cfg, ctx = run.cfg, run.ctx
     task = make_task(run)  # loads the models and validates the data: bad input stops here
     if run.primary is None:
         raise RuntimeError(f"{task.name}: the task loaded no trainable model")
-    if ctx.is_main:  # written only once the models and data have been accepted
+    if run.resume_from is not None:
+        state = load_checkpoint(run.parts, run.primary, run.resume_from, verify=False,
+                                rebuild_schedule=run.rebuild_schedule)
+        task.load_state_dict(state["task"])
+        run.start_step = int(state["step"])
+        log.info("resumed from %s (step %d)", run.resume_from, run.start_step)
+    if ctx.is_main:  # written only once the models, data and resume have been accepted
         run.save_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.save_dir / "config.yaml")
-
-    if cfg.train.resume:
-        ckpt = latest_checkpoint(run.save_dir)
-        if ckpt is None:
-            log.info("--resume: no checkpoint in %s, starting from step 0", run.save_dir / "checkpoints")
-        else:
-            state = load_checkpoint(run.parts, run.primary, ckpt)
-            check_resume_config(cfg, state.get("config"), ckpt)
-            task.load_state_dict(state["task"])
-            run.start_step = int(state["step"])
-            log.info("resumed from %s (step %d)", ckpt, run.start_step)
+        save_config(cfg, run.save_dir / "config.yaml", run.history)
     task.prepare(run)
     gc.collect()
 
+    guard = DivergenceGuard(cfg.train.divergence_factor)
+    guard.start(_weight_norms(run))
     writer = MetricsWriter(run.save_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard,
                            total_steps=cfg.train.steps, log_every=cfg.train.log_every,
                            resume_step=run.start_step, keys=task.progress_keys)
@@ -181,15 +244,28 @@ def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
     history: list[dict] = []
     try:
         for step in range(run.start_step + 1, cfg.train.steps + 1):
+            errors.RUN_PROGRESS.update(step=step, save=str(run.save_dir))
             start = time.perf_counter()
-            metrics = task.step(step)
+            try:
+                metrics = task.step(step)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(f"step {step}: {exc}; latest checkpoint: {_latest_name(run.save_dir)}") from None
             seconds = time.perf_counter() - start
             metrics.update(step_seconds=seconds, tokens_per_second=metrics.pop("tokens", 0.0) / max(seconds, 1e-9))
+            norms = _weight_norms(run)
+            metrics["weight_norm"] = norms[run.primary]
             writer.write(step, metrics)
             history.append(metrics)
+            try:
+                guard.check(step, norms, metrics)
+            except DivergenceError as exc:
+                raise DivergenceError(f"{exc}; stopped before saving step {step}, latest checkpoint: "
+                                      f"{_latest_name(run.save_dir)} (lower optim.lr, or raise "
+                                      f"train.divergence_factor; 0 disables the guard)") from None
             if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save_checkpoint(run.parts, run.primary, run.save_dir, step,
-                                {"task": task.state_dict(), "trainer": task.name, "config": to_dict(cfg)},
+                                {"task": task.state_dict(), "trainer": task.name, "config": to_dict(cfg),
+                                 "config_history": run.history},
                                 cfg.train.keep_last)
             fault_point("step", step)
     finally:

@@ -69,9 +69,11 @@ class RewardModelTask:
 
     def _dataset(self, path: str) -> PreferenceDataset:
         data = self.cfg.data
-        return PreferenceDataset.from_file(resolve_path(path), self.run.tokenizer, data.max_prompt_length,
-                                           data.max_response_length, format=data.format,
-                                           chat_template=data.chat_template)
+        dataset = PreferenceDataset.from_file(resolve_path(path), self.run.tokenizer, data.max_prompt_length,
+                                              data.max_response_length, format=data.format,
+                                              chat_template=data.chat_template)
+        self.run.check_context(dataset)
+        return dataset
 
     def prepare(self, run: Run) -> None:
         pass

@@ -35,6 +35,7 @@ class SFTTask:
         dataset = SFTDataset.from_file(resolve_path(cfg.data.train), run.tokenizer, cfg.data.max_prompt_length,
                                        cfg.data.max_response_length, format=cfg.data.format,
                                        chat_template=cfg.data.chat_template)
+        run.check_context(dataset)
         self.stream = MicroBatchStream.from_config(dataset, cfg.data, cfg.train, dp_size=run.ctx.dp,
                                                    dp_rank=run.ctx.dp_rank)
         self.train_on_prompt = cfg.sft.train_on_prompt
