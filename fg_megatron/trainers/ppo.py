@@ -83,7 +83,8 @@ class PPOTask:
         self.dataset = PromptDataset.from_file(resolve_path(cfg.data.train), run.tokenizer, cfg.data.max_prompt_length,
                                                format=cfg.data.format, chat_template=cfg.data.chat_template)
         self.sampler = GlobalBatchSampler(self.dataset.lengths, ppo.rollout_batch_size, seed=cfg.train.seed,
-                                          shuffle=cfg.data.shuffle, group_batches=0)
+                                          shuffle=cfg.data.shuffle, group_batches=0, source=self.dataset.path,
+                                          batch_field="ppo.rollout_batch_size")
         eos = eos_token_ids(run.tokenizer, resolve_path(cfg.model.load))
         oracle: Optional[Callable[[int, list[int]], float]] = None
         if cfg.reward.source == "oracle":
