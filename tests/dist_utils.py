@@ -57,3 +57,14 @@ def cli_error(script: Path, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-3000:]
     return proc.stderr.strip().splitlines()[-1]
+
+
+def tool_error(script: Path, *args: str) -> str:
+    """Run an entry point in one process that must fail with a user error: exit status 2, exactly
+    one ``error:`` line on stderr and no traceback.  Returns that line."""
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-3000:]
+    return errors[0]

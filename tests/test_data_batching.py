@@ -137,3 +137,27 @@ def test_padding_waste_on_the_tiny_task(pref):
 def test_padding_waste_counts_slots():
     mb = {"lengths": torch.tensor([3, 5]), "input_ids": torch.zeros(2, 8)}
     assert padding_waste([mb]) == pytest.approx(1 - 8 / 16)
+
+
+def test_fewer_samples_than_one_global_batch_is_a_data_error(tmp_path):
+    """Not a bare ValueError (a traceback under the trainers): a one-line user error naming the
+    file and the config field to change."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from fg_megatron.config.schema import DataConfig, TrainConfig
+    from fg_megatron.data import DataFormatError
+
+    with pytest.raises(DataFormatError) as err:
+        GlobalBatchSampler([3, 4, 5], 8, seed=0, source="x.jsonl", batch_field="ppo.rollout_batch_size")
+    assert str(err.value) == ("x.jsonl: 3 samples, fewer than one global batch (ppo.rollout_batch_size=8); "
+                              "lower ppo.rollout_batch_size or add data")
+    tok = AutoTokenizer.from_pretrained(str(ROOT / "assets" / "tiny" / "tokenizer"))
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "q", "chosen": f" a{i}", "rejected": " b"}) + "\n" for i in range(2)))
+    ds = PreferenceDataset.from_file(path, tok, 32, 16)
+    with pytest.raises(DataFormatError) as err:
+        MicroBatchStream.from_config(ds, DataConfig(), TrainConfig(global_batch_size=16, micro_batch_size=8))
+    assert str(err.value) == (f"{path}: 2 samples, fewer than one global batch (train.global_batch_size=16); "
+                              f"lower train.global_batch_size or add data")

@@ -325,3 +325,74 @@ def test_chat_template_renders_plain_prompts_as_a_user_turn(tmp_path):
     [a] = load_sft_records(conv, tokenizer=tok)
     [b] = load_sft_records(conv, tokenizer=tok, chat_template=True)
     assert a.prompt == b.prompt  # rendered once, not wrapped again
+
+
+# ---------------------------------------------------------------- audit (issue 11, item 13)
+
+def test_lone_surrogate_is_a_located_error_for_every_kind(tmp_path, tok):
+    """A JSON escape of half a UTF-16 pair (``\\ud800``) is not text a tokenizer can encode: the read
+    itself fails with file, line and field (nested fields by path), whatever the file feeds."""
+    cases = [  # (rows, loader, expected message after "path:2: ")
+        ([GOOD_GENERIC, '{"prompt": "x\\ud800", "chosen": "a", "rejected": "b"}'], load_preference_records,
+         "field 'prompt': lone UTF-16 surrogate \\ud800"),
+        ([GOOD_UF, _uf([UF_OK[0], {"role": "assistant", "content": "ok \\uDC12"}]).replace("\\\\", "\\")],
+         load_preference_records, "field 'chosen[1].content': lone UTF-16 surrogate \\udc12"),
+        ([GOOD_SFT, '{"prompt": "p", "response": "\\udfff"}'], load_sft_records,
+         "field 'response': lone UTF-16 surrogate \\udfff"),
+        (['{"prompt": "p"}', '{"prompt": "p", "meta": {"note": ["\\ud83d"]}}'], load_prompt_records,
+         "field 'meta.note[0]': lone UTF-16 surrogate \\ud83d"),
+    ]
+    for i, (rows, load, message) in enumerate(cases):
+        path = tmp_path / f"s{i}.jsonl"
+        path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        with pytest.raises(DataFormatError) as err:
+            load(path, tokenizer=tok)
+        assert str(err.value).startswith(f"{path}:2: {message} ("), str(err.value)
+        assert "\n" not in str(err.value)
+    # a surrogate *pair* is one character (an emoji) and loads; so does an escaped backslash before "ud800"
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"prompt": "smile \\ud83d\\ude00", "chosen": "\\\\ud800", "rejected": "b"}\n', encoding="utf-8")
+    [rec] = load_preference_records(ok)
+    assert rec.prompt == "smile \U0001F600" and rec.chosen == "\\ud800"
+
+
+def test_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(DataFormatError) as err:
+        load_preference_records(tmp_path)
+    assert str(err.value) == f"{tmp_path}: is a directory; expected a data file (JSONL, or parquet: *.parquet / *.pq)"
+
+
+def test_prompt_ids_rows_are_prompts(tmp_path, tok):
+    """Pre-tokenised rows feed generation: prompt_ids used as given (no BOS added, never cut);
+    response_ids (an SFT row, a generate output fed back in) are ignored."""
+    from fg_megatron.data import PromptDataset, tokenize_prompts
+
+    recs = load_prompt_records(FIX / "sft_ids.jsonl")
+    assert [(r.id, r.prompt_ids) for r in recs] == [("p1", (1, 40, 41, 42)), ("p2", (1, 43))]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join([json.dumps({"id": "a", "prompt_ids": [40, 41], "category": "benign"}),
+                               json.dumps({"prompt": "shown", "prompt_ids": [1, 7], "response_ids": [9]}),
+                               json.dumps({"prompt": "a text prompt"})]) + "\n")
+    a, b, c = load_prompt_records(path)
+    assert (a.id, a.prompt, a.prompt_ids, a.meta) == ("a", "", (40, 41), {"category": "benign"})
+    assert (b.prompt, b.prompt_ids, b.meta) == ("shown", (1, 7), {"response_ids": [9]})
+    assert c.prompt_ids is None
+    ds = PromptDataset.from_file(path, tok, 16)
+    assert [tuple(it) for it in ds.items] == [(40, 41), (1, 7), tokenize_prompts(tok, ["a text prompt"], 16)[0]]
+    # bad ids are located like any bad row
+    for row, message in (({"response_ids": [3]}, "field 'prompt_ids': missing (the row has: response_ids)"),
+                         ({"prompt_ids": []}, "field 'prompt_ids': empty list of token ids"),
+                         ({"prompt_ids": [1, -4]}, "field 'prompt_ids[1]': expected a non-negative integer token id, got -4"),
+                         ({"prompt_ids": [1, 99999]}, f"field 'prompt_ids': token id 99999 is outside the tokenizer's "
+                                                      f"vocabulary of {len(tok)}"),
+                         ({"prompt_ids": list(range(1, 20))}, "field 'prompt_ids': 19 token ids, more than "
+                                                              "max_prompt_length=16 (pre-tokenised prompts are used "
+                                                              "as given, never cut)")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt_ids": [1, 5]}) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataFormatError) as err:
+            PromptDataset.from_file(bad, tok, 16)
+        assert str(err.value) == f"{bad}:2: {message}"
+    # SFT data still needs both halves
+    with pytest.raises(DataFormatError, match=r"ids\.jsonl:1: field 'response_ids': missing"):
+        load_sft_records(path)

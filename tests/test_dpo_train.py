@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dist_utils import ROOT, torchrun
+from dist_utils import ROOT, tool_error, torchrun
 
 TRAIN = ROOT / "tools/train_dpo.py"
 BASE = ["--steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2", "--set", "train.log_every=1",
@@ -115,6 +115,32 @@ def test_malformed_row_is_one_line_error_before_training(tmp_path):
     line = _cli_error(["--data", str(bad)], tmp_path)
     assert line.startswith("error: ") and "bad.jsonl:2" in line and "chosen" in line
     assert not (tmp_path / "s/metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("case", ["surrogate", "too_few_rows"])
+def test_bad_data_file_is_one_line_error(tmp_path, case):
+    """A lone surrogate escape (tokenizers would raise deep inside) and a file holding less than one
+    global batch (the sampler's check) both stop the run before training with one located line."""
+    data = tmp_path / "bad.jsonl"
+    good = {"prompt": "Q?", "chosen": " a", "rejected": " b"}
+    rows = [json.dumps(good), '{"prompt": "Q\\ud800?", "chosen": " a", "rejected": " b"}']
+    if case == "too_few_rows":
+        rows = [json.dumps({**good, "chosen": f" a{i}"}) for i in range(3)]
+    data.write_text("\n".join(rows) + "\n")
+    line = tool_error(TRAIN, *BASE, "--save", tmp_path / "s", "--data", data)
+    if case == "surrogate":
+        assert line.startswith(f"error: {data}:2: field 'prompt': lone UTF-16 surrogate \\ud800"), line
+    else:
+        assert line == (f"error: {data}: 3 samples, fewer than one global batch (train.global_batch_size=8); "
+                        f"lower train.global_batch_size or add data")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "sft", "rm", "ppo"])
+def test_data_directory_is_one_line_error_for_every_trainer(tmp_path, trainer):
+    line = tool_error(ROOT / f"tools/train_{trainer}.py", "--steps", "1", "--save", tmp_path / "s", "--data", tmp_path)
+    assert line == f"error: {tmp_path}: is a directory; expected a data file (JSONL, or parquet: *.parquet / *.pq)"
+    assert not (tmp_path / "s").exists()
 
 
 def test_bad_config_is_one_line_error(tmp_path):

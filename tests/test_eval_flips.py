@@ -5,10 +5,11 @@ named by file and line, the CLI's JSON summary and plots."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from dist_utils import ROOT
+from dist_utils import ROOT, tool_error
 from fg_megatron.data.errors import DataFormatError
 from fg_megatron.eval import plots
 from fg_megatron.eval.flips import classify, compare, format_table, load_rows
@@ -116,3 +117,53 @@ def test_cli_summary_table_and_plot(tiny_files, tmp_path):
                            "--judge", "tiny"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "bad.jsonl:1: field 'response'" in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["out_under_a_file", "out_is_a_directory", "plot_under_a_file", "data_directory",
+                                  "surrogate"])
+def test_cli_bad_paths_fail_before_the_table(tiny_files, tmp_path, case):
+    """An output that cannot be written fails up front (not with a traceback after the evaluation),
+    and so does input that is a directory or holds a lone surrogate escape: one line, exit 2."""
+    pi0, pi = tiny_files
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file\n")
+    args = ["--out", tmp_path / "summary.json"]
+    if case == "out_under_a_file":
+        args = ["--out", blocker / "summary.json"]
+    elif case == "out_is_a_directory":
+        args = ["--out", tmp_path]
+    elif case == "plot_under_a_file":
+        args = ["--plot", blocker / "sub" / "s.png"]
+    elif case == "data_directory":
+        pi = tmp_path
+    elif case == "surrogate":
+        rows = pi.read_text().splitlines()
+        rows[3] = rows[3].replace('"response": "', '"response": "\\ud800', 1)
+        pi.write_text("\n".join(rows) + "\n")
+    line = tool_error(ROOT / "tools/eval_flips.py", "--pi0", pi0, "--pi", pi, "--judge", "tiny", *args)
+    expected = {"out_under_a_file": f"error: --out {blocker}/summary.json: cannot be written: {blocker} is a file, "
+                                    f"not a directory",
+                "out_is_a_directory": f"error: --out {tmp_path}: is a directory; expected a file path",
+                "plot_under_a_file": f"error: --plot {blocker}/sub/s.png: cannot be written: {blocker} is a file, "
+                                     f"not a directory",
+                "data_directory": f"error: {tmp_path}: is a directory; expected a data file",
+                "surrogate": f"error: {pi}:4: field 'response': lone UTF-16 surrogate \\ud800"}[case]
+    assert line.startswith(expected), line
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_read_only_out_folder_is_found_up_front(tmp_path, monkeypatch):
+    """A folder without write permission (faked for root, who may write anywhere): refused before any work."""
+    import os
+
+    from fg_megatron.data import readers
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:
+        monkeypatch.setattr(readers.os, "access", lambda p, mode: Path(p) != locked)
+    with pytest.raises(DataFormatError) as err:
+        readers.check_output_file(locked / "new" / "summary.json")
+    assert str(err.value) == f"--out {locked}/new/summary.json: cannot be written: no permission to write in {locked}"
+    readers.check_output_file(tmp_path / "fresh" / "deeper" / "summary.json")  # missing folders are fine
+    assert not (tmp_path / "fresh").exists()  # and the check creates nothing

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from dist_utils import ROOT, torchrun, torchrun_json
+from dist_utils import ROOT, tool_error, torchrun, torchrun_json
 
 TOKENIZER = ROOT / "assets/tiny/tokenizer"
 MAX_NEW = 12
@@ -116,4 +116,47 @@ def test_generate_tool_rejects_bad_temperature(tiny, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "temperature" in last and "-1" in last
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_generate_tool_prompt_ids_rows(tiny, tmp_path):
+    """Pre-tokenised rows: generated from their prompt_ids exactly as given (no BOS added); the
+    output keeps prompt_ids and adds the response; a row's old response_ids (generate's own output
+    fed back in) are replaced."""
+    model, model_dir, prompts, _, tok = tiny
+    rows = [{"id": "a", "prompt_ids": prompts[0]},
+            {"id": "b", "prompt": "shown only", "prompt_ids": prompts[2][1:], "response_ids": [5, 6]}]
+    data = tmp_path / "ids.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/generate.py"), "--load", str(model_dir), "--prompts",
+                           str(data), "--out", str(out), "--max-new-tokens", "6"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = hf_greedy(model, [rows[0]["prompt_ids"], rows[1]["prompt_ids"]], 6, eos_id=tok.eos_token_id)
+    for row, g, e in zip(rows, got, expected):
+        assert g["id"] == row["id"] and g["prompt_ids"] == row["prompt_ids"]
+        assert g["response_ids"] == e
+        text_ids = [t for t in e if t != tok.eos_token_id and t < len(tok)]
+        assert g["response"] == tok.decode(text_ids, skip_special_tokens=True)
+    assert got[1]["prompt"] == "shown only"
+
+
+@pytest.mark.parametrize("case", ["surrogate", "directory", "out_under_a_file"])
+def test_generate_tool_bad_input_is_one_line_error(tiny, tmp_path, case):
+    _, model_dir, _, _, _ = tiny
+    data, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    data.write_text('{"prompt": "ok"}\n{"prompt": "half a pair: \\udc00"}\n')
+    if case == "directory":
+        data = tmp_path
+    if case == "out_under_a_file":
+        data.write_text('{"prompt": "ok"}\n')
+        out = data / "o.jsonl"
+    line = tool_error(ROOT / "tools/generate.py", "--load", model_dir, "--prompts", data, "--out", out,
+                      "--max-new-tokens", "4")
+    expected = {"surrogate": f"error: {data}:2: field 'prompt': lone UTF-16 surrogate \\udc00",
+                "directory": f"error: {tmp_path}: is a directory; expected a data file",
+                "out_under_a_file": f"error: --out {out}: cannot be written: {data} is a file, not a directory"}[case]
+    assert line.startswith(expected), line
     assert not (tmp_path / "o.jsonl").exists()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dist_utils import ROOT, cli_error, read_metrics, torchrun
+from dist_utils import ROOT, cli_error, read_metrics, tool_error, torchrun
 
 TRAIN = ROOT / "tools/train_ppo.py"
 BASE = ["--steps", "1", "--rollout-batch-size", "8", "--global-batch-size", "4", "--micro-batch-size", "2",
@@ -115,3 +115,16 @@ def test_bad_config_is_one_line_error(tmp_path):
     assert line.startswith("error: ") and "ppo.rollout_batch_size=6" in line
     line = cli_error(TRAIN, *BASE, "--save", tmp_path / "s", "--set", "ppo.gae_lambda=2")
     assert line.startswith("error: ") and "gae_lambda" in line
+
+
+def test_fewer_prompts_than_one_rollout_batch_is_one_line_error(tmp_path):
+    """The sampler's size check names the file and the field that sets PPO's batch of prompts."""
+    import json
+
+    rows = [json.loads(line) for line in (ROOT / "assets/tiny/data/test_prompts.jsonl").read_text().splitlines()[:5]]
+    data = tmp_path / "five.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = tool_error(TRAIN, *BASE, "--save", tmp_path / "s", "--data", data)
+    assert line == (f"error: {data}: 5 samples, fewer than one global batch (ppo.rollout_batch_size=8); "
+                    f"lower ppo.rollout_batch_size or add data")
+    assert not (tmp_path / "s").exists()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dist_utils import ROOT, torchrun
+from dist_utils import ROOT, tool_error, torchrun
 from tiny_models import SCORE_ROWS, row_token_ids, write_rows
 
 TOKENIZER = ROOT / "assets/tiny/tokenizer"
@@ -86,3 +86,20 @@ def test_score_rejects_bad_batch_size_and_too_long_rows(scoring_setup, tmp_path)
                               text=True, cwd=ROOT)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.strip().splitlines()[-1] == f"error: {needle}"
+
+
+@pytest.mark.parametrize("case", ["surrogate", "directory", "out_under_a_file"])
+def test_score_bad_input_is_one_line_error(scoring_setup, tmp_path, case):
+    model_dir, _, _, _ = scoring_setup
+    data, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    data.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "response": "\\ud800 r"}\n')
+    if case == "directory":
+        data = tmp_path
+    if case == "out_under_a_file":
+        out = data / "o.jsonl"
+    line = tool_error(ROOT / "tools/score.py", "--load", model_dir, "--data", data, "--out", out)
+    expected = {"surrogate": f"error: {data}:2: field 'response': lone UTF-16 surrogate \\ud800",
+                "directory": f"error: {tmp_path}: is a directory; expected a data file",
+                "out_under_a_file": f"error: --out {out}: cannot be written: {data} is a file, not a directory"}[case]
+    assert line.startswith(expected), line
+    assert not (tmp_path / "o.jsonl").exists()

@@ -15,12 +15,16 @@ summary (--out) and a scatter plot (--plot, needs matplotlib).
 
 import argparse
 
+from fg_megatron.data.readers import check_output_file
 from fg_megatron.eval.flips import JUDGES, compare, format_table, load_rows, write_json
 from fg_megatron.eval.plots import MISSING, flip_scatter
 from fg_megatron.trainers.errors import run_cli
 
 
 def main(a: argparse.Namespace) -> None:
+    for path, flag in ((a.out, "--out"), (a.plot, "--plot")):
+        if path:
+            check_output_file(path, flag)  # now, not after the evaluation
     report = compare(load_rows(a.pi0), load_rows(a.pi), judge=a.judge, score_field=a.score_field, margin=a.margin,
                      group_by=None if a.group_by == "none" else a.group_by)
     print(format_table(report))

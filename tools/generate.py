@@ -5,9 +5,10 @@
         [--backend auto|direct|schedule]
 
 PATH is an HF directory or an fg checkpoint.  Input rows need a "prompt" (any
-data format works: preference and SFT files give their prompts).  Each output
-row is the input row plus "response" (text, EOS excluded), "response_ids" (EOS
-included when generated) and "finish_reason" ("eos" or "length").  Temperature
+data format works: preference and SFT files give their prompts) or pre-tokenised
+"prompt_ids" (used as given: no BOS added, never cut).  Each output row is the
+input row plus "response" (text, EOS excluded), "prompt_ids", "response_ids"
+(EOS included when generated) and "finish_reason" ("eos" or "length").  Temperature
 0 (the default) is greedy; otherwise the same --seed gives the same responses
 for any layout.
 """
@@ -20,7 +21,7 @@ from fg_megatron.trainers.errors import run_cli
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="HF directory or fg checkpoint")
-    p.add_argument("--prompts", required=True, help="JSONL (or parquet) rows with a prompt")
+    p.add_argument("--prompts", required=True, help="JSONL (or parquet) rows with a prompt or prompt_ids")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)

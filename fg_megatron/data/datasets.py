@@ -35,6 +35,14 @@ class _Base:
         return self.items[i]
 
     @property
+    def path(self) -> str:
+        """The data file the records came from (their ``source`` is ``path:line``)."""
+        if not self.records:
+            return "the dataset"
+        source = self.records[0].source
+        return source.rpartition(":")[0] or source
+
+    @property
     def lengths(self) -> list[int]:
         """Padded-row length of each sample (the longer row of a pair)."""
         return [it.length for it in self.items]
@@ -130,7 +138,7 @@ class MicroBatchStream:
         split_global_batch(range(global_batch_size), dp_size, dp_rank, micro_batch_size)  # validates the layout
         self.dataset = dataset
         self.sampler = GlobalBatchSampler(dataset.lengths, global_batch_size, seed=seed, shuffle=shuffle,
-                                          group_batches=group_batches)
+                                          group_batches=group_batches, source=dataset.path)
         self.micro_batch_size, self.dp_size, self.dp_rank = micro_batch_size, dp_size, dp_rank
         self.pad_multiple, self.same_length = pad_multiple, same_length
 

@@ -1,4 +1,5 @@
-"""The one error type of the data layer: bad input, located to file, line and field."""
+"""The error types of the data layer: bad input, located to file, line and field; an output
+file that cannot be written."""
 
 from __future__ import annotations
 
@@ -20,3 +21,10 @@ class DataFormatError(ValueError):
         where = self.path if line is None else f"{self.path}:{line}"
         what = message if field is None else f"field '{field}': {message}"
         super().__init__(f"{where}: {what}")
+
+
+class OutputPathError(DataFormatError):
+    """An output file that cannot be written, found before the work that would fill it: ``path: what``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(path, None, message)

@@ -19,7 +19,9 @@ tldr            summarize-from-feedback comparisons: ``info.post`` (+ ``info.tit
 cvalues         CValues-Comparison: ``prompt``, ``pos_resp`` (chosen), ``neg_resp``
 sft             ``prompt`` + ``response``; or ``messages`` (chat, rendered as above);
                 or pre-tokenised ``prompt_ids`` + ``response_ids`` (used as given)
-prompts         ``prompt`` (string, or a message list rendered with a generation prompt)
+prompts         ``prompt`` (string, or a message list rendered with a generation prompt);
+                or pre-tokenised ``prompt_ids`` (used as given; a row's ``response_ids``,
+                e.g. in ``tools/generate.py`` output, are ignored)
 ==============  =====================================================================
 
 An ``id`` field (string or integer) names a row; otherwise it is ``<file name>:<line>``.
@@ -46,7 +48,7 @@ Kind = Literal["preference", "sft", "prompts"]
 _SHAPES = ("prompt/chosen/rejected strings (generic), chosen/rejected transcripts (hh_rlhf), "
            "prompt + chosen/rejected message lists (ultrafeedback), info/summaries/choice (tldr), "
            "prompt/pos_resp/neg_resp (cvalues), prompt/response, messages or prompt_ids/response_ids (sft), "
-           "prompt (prompts)")
+           "prompt or prompt_ids (prompts)")
 
 
 def detect_format(row: dict) -> Optional[str]:
@@ -276,6 +278,16 @@ def _row_id(r: _Row, name: str) -> str:
     return str(value)
 
 
+def _unique_id(r: _Row, name: str, seen_ids: dict[str, int]) -> str:
+    """The row's id (:func:`_row_id`); an explicit ``id`` must not repeat one seen before in the file."""
+    rid = _row_id(r, name)
+    if "id" in r.row:
+        if rid in seen_ids:
+            raise r.error("id", f"duplicate id {rid!r} (first used on line {seen_ids[rid]})")
+        seen_ids[rid] = r.line
+    return rid
+
+
 # Formats whose prompt can be a plain string (rather than a rendered conversation or a transcript).
 _PLAIN_PROMPT_FORMATS = ("generic", "tldr", "cvalues", "sft", "prompts")
 
@@ -310,15 +322,20 @@ def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: An
             need = {"preference": "prompt/chosen/rejected pairs", "sft": "prompt/response rows or pairs"}[kind]
             raise r.error(None, f"rows of format '{fmt}' cannot serve as {kind} data: it needs {need} "
                                 f"(the supported shapes: {_SHAPES})")
-        prompt, first, second, used = _PARSERS[fmt](r)
+        if kind == "prompts" and fmt in ("sft", "prompts") and ("prompt_ids" in row or "response_ids" in row):
+            # pre-tokenised: generate from the prompt ids as given (response ids, if any, are not needed)
+            prompt_ids = _token_ids(r, "prompt_ids", allow_empty=False)
+            text = row.get("prompt") if isinstance(row.get("prompt"), str) else ""
+            meta = {k: v for k, v in row.items() if k not in ("prompt", "prompt_ids", "id")}
+            records.append(PromptRecord(_unique_id(r, name, seen_ids), text, f"{shown}:{line}", meta,
+                                        prompt_ids=prompt_ids))
+            continue
+        # prompts from SFT-shaped rows: the prompt alone counts (a response, if any, is not needed)
+        prompt, first, second, used = (_prompts if kind == "prompts" and fmt == "sft" else _PARSERS[fmt])(r)
         if (chat_template and isinstance(prompt, str) and fmt in _PLAIN_PROMPT_FORMATS
                 and "messages" not in used and not isinstance(row.get("prompt"), list)):
             prompt = r.render([{"role": "user", "content": prompt}], "prompt")
-        rid = _row_id(r, name)
-        if "id" in row:
-            if rid in seen_ids:
-                raise r.error("id", f"duplicate id {rid!r} (first used on line {seen_ids[rid]})")
-            seen_ids[rid] = line
+        rid = _unique_id(r, name, seen_ids)
         meta = {k: v for k, v in row.items() if k not in used and k != "id"}
         source = f"{shown}:{line}"
         if kind == "preference":
@@ -329,8 +346,6 @@ def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: An
             else:
                 records.append(SFTRecord(rid, prompt, first, source, meta))
         else:
-            if prompt is None:
-                raise r.error("prompt_ids", "pre-tokenised rows cannot be used as prompts for generation")
             records.append(PromptRecord(rid, prompt, source, meta))
     if not records:
         raise DataFormatError(shown, None, "no rows")

@@ -34,9 +34,11 @@ class SFTRecord:
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """A prompt to generate from; ``meta`` carries what an oracle needs to judge it."""
+    """A prompt to generate from; ``meta`` carries what an oracle needs to judge it.  Pre-tokenised
+    (``prompt_ids`` set), the ids are the prompt, used as given; ``prompt`` is then the row's text if any."""
 
     id: str
     prompt: str
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: Optional[tuple[int, ...]] = None  # set for {"prompt_ids"} rows

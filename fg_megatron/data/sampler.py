@@ -22,23 +22,29 @@ and ``load_state_dict`` resume exactly.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
+
+from fg_megatron.data.errors import DataFormatError
 
 
 class GlobalBatchSampler:
     """Deterministic, resumable, length-grouped global batches of dataset indices."""
 
     def __init__(self, lengths: Sequence[int], global_batch_size: int, *, seed: int, shuffle: bool = True,
-                 group_batches: int = 16) -> None:
+                 group_batches: int = 16, source: Optional[str] = None,
+                 batch_field: str = "train.global_batch_size") -> None:
+        """``source`` (the data file) and ``batch_field`` (the config field that set ``global_batch_size``)
+        name what to fix when the data holds less than one batch."""
         self.lengths = np.asarray(lengths, dtype=np.int64)
         n = len(self.lengths)
         if global_batch_size < 1:
             raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
         if n < global_batch_size:
-            raise ValueError(f"the dataset has {n} samples, fewer than one global batch of {global_batch_size}; "
-                             f"lower train.global_batch_size or add data")
+            raise DataFormatError(source or "the dataset", None,
+                                  f"{n} sample{'s' if n != 1 else ''}, fewer than one global batch "
+                                  f"({batch_field}={global_batch_size}); lower {batch_field} or add data")
         if group_batches < 0:
             raise ValueError(f"group_batches must be >= 0 (0: no length grouping), got {group_batches}")
         self.global_batch_size = global_batch_size

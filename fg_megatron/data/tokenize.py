@@ -208,9 +208,28 @@ def tokenize_sft(tokenizer: Any, record: SFTRecord, max_prompt_length: int,
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence["str | PromptRecord"],
                      max_prompt_length: int) -> list[tuple[int, ...]]:
-    """Prompt ids for generation: the prompt half of :func:`tokenize_examples`."""
-    texts = [p.prompt if isinstance(p, PromptRecord) else p for p in prompts]
-    return [ids for ids, _ in encode_prompts(tokenizer, texts, max_prompt_length)]
+    """Prompt ids for generation: the prompt half of :func:`tokenize_examples`.  A pre-tokenised
+    record's ``prompt_ids`` are used as given (no BOS added, never cut): an id outside the
+    vocabulary, or more ids than ``max_prompt_length``, is a :class:`DataFormatError`."""
+    given = [p.prompt_ids if isinstance(p, PromptRecord) else None for p in prompts]
+    texts = [p.prompt if isinstance(p, PromptRecord) else p for p, ids in zip(prompts, given) if ids is None]
+    encoded = iter([ids for ids, _ in encode_prompts(tokenizer, texts, max_prompt_length)])
+    vocab = len(tokenizer) if any(ids is not None for ids in given) else 0
+    out = []
+    for p, ids in zip(prompts, given):
+        if ids is None:
+            out.append(next(encoded))
+            continue
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise DataFormatError(*_source_line(p.source),
+                                  f"token id {bad[0]} is outside the tokenizer's vocabulary of {vocab}", "prompt_ids")
+        if len(ids) > max_prompt_length:
+            raise DataFormatError(*_source_line(p.source),
+                                  f"{len(ids)} token ids, more than max_prompt_length={max_prompt_length} "
+                                  f"(pre-tokenised prompts are used as given, never cut)", "prompt_ids")
+        out.append(tuple(ids))
+    return out
 
 
 def tokenize_prompt(tokenizer: Any, prompt: "str | PromptRecord", max_prompt_length: int) -> tuple[int, ...]:

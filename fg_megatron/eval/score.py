@@ -20,7 +20,7 @@ from fg_megatron.checkpoint.load import load_model
 from fg_megatron.config import ConfigError
 from fg_megatron.checkpoint.tokenizer import load_tokenizer
 from fg_megatron.data import DataFormatError, SFTDataset
-from fg_megatron.data.readers import read_rows, write_jsonl
+from fg_megatron.data.readers import check_output_file, read_rows, write_jsonl
 from fg_megatron.logprobs import sequence_logprobs, token_logprobs
 from fg_megatron.models.arch import VALUE_HEAD
 from fg_megatron.models.gpt import ValueHead, sequence_scores
@@ -37,6 +37,7 @@ def score_file(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, batc
     """Score every row of ``data`` and write ``out`` (rank 0); returns the rows on rank 0."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
+    check_output_file(out)  # before loading the model and scoring, not after
     ctx = parallel.initialize(tp, pp, seed=seed)
     model, arch, _ = load_model(load, ctx, dtype=model_dtype(dtype))
     model.eval()

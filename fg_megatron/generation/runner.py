@@ -8,7 +8,10 @@ output row is the input row plus ``response`` (decoded text, EOS excluded),
 ``prompt_ids`` (the prompt as the model saw it, BOS included) and
 ``response_ids`` (EOS included when generated, as training tokenises a
 response), so the row goes straight to ``tools/score.py``, and
-``finish_reason`` (``eos`` or ``length``).
+``finish_reason`` (``eos`` or ``length``).  Pre-tokenised rows
+(``prompt_ids``, no text needed) are generated from exactly those ids (no BOS
+added, never cut); their output rows keep ``prompt_ids`` and gain the rest, so
+an output file can also be fed back in.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
 from fg_megatron.checkpoint.tokenizer import load_tokenizer, tokenizer_dir
 from fg_megatron.data import PromptDataset
-from fg_megatron.data.readers import read_rows, write_jsonl
+from fg_megatron.data.readers import check_output_file, read_rows, write_jsonl
 from fg_megatron.data.tokenize import token_layout
 from fg_megatron.generation.engine import Generation, generate_ids, pick_backend
 from fg_megatron.generation.sampling import GenerationSettingsError, SamplingParams, row_seed
@@ -76,6 +79,7 @@ def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1
     rows on rank 0.  Sampling (``temperature > 0``) draws each prompt's tokens from a generator
     seeded by ``(seed, its line)``: the same seed gives the same responses for any layout."""
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    check_output_file(out)  # before loading the model and generating, not after
     if max_new_tokens < 1:
         raise GenerationSettingsError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if dtype not in _DTYPES:

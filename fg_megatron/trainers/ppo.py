@@ -84,7 +84,8 @@ class PPOTask:
                                                format=cfg.data.format, chat_template=cfg.data.chat_template)
         run.check_context(self.dataset, extra=ppo.max_new_tokens, budget="ppo.max_new_tokens")
         self.sampler = GlobalBatchSampler(self.dataset.lengths, ppo.rollout_batch_size, seed=cfg.train.seed,
-                                          shuffle=cfg.data.shuffle, group_batches=0)
+                                          shuffle=cfg.data.shuffle, group_batches=0, source=self.dataset.path,
+                                          batch_field="ppo.rollout_batch_size")
         eos = eos_token_ids(run.tokenizer, resolve_path(cfg.model.load))
         oracle: Optional[Callable[[int, list[int]], float]] = None
         if cfg.reward.source == "oracle":
