@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from fg_megatron.config.loader import ConfigError
+from fg_megatron.parallel import ParallelLayoutError, check_layers_per_stage
 
 LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
 
@@ -17,11 +18,20 @@ LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (must divide the model's KV heads)
-    pp: int = 1  # pipeline-parallel size (must divide the layers); DP = world / (tp * pp)
+    pp: int = 1  # pipeline-parallel size (at most the layers); DP = world / (tp * pp)
+    # Transformer layers on each pipeline stage, e.g. [2, 1]: pp entries, each >= 1, summing to
+    # the model's layers.  null: an fg checkpoint's own split at this pp, else an even split,
+    # else the first layers % pp stages hold one layer more (parallel.stage_layer_counts).
+    layers_per_stage: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.pp < 1:
             raise ConfigError(f"parallel.tp and parallel.pp must be >= 1 (got {self.tp}, {self.pp})")
+        if self.layers_per_stage is not None:
+            try:
+                check_layers_per_stage(self.pp, self.layers_per_stage)
+            except ParallelLayoutError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclass

@@ -141,7 +141,8 @@ def check_resume_config(cfg: Any, saved: Optional[dict], ckpt: Path) -> None:
 
 def setup_run(cfg: Any) -> Run:
     check_save_dir(cfg)
-    ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed)
+    ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
+                              layers_per_stage=cfg.parallel.layers_per_stage)
     if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
                           f"data-parallel size {ctx.dp} x train.micro_batch_size={cfg.train.micro_batch_size}")
