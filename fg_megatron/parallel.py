@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,9 @@ class ParallelContext:
     pp_group: Optional[dist.ProcessGroup]
     dp_group: Optional[dist.ProcessGroup]
     device: torch.device
+    # Transformer layers per pipeline stage as asked for (``parallel.layers_per_stage``);
+    # None: an fg checkpoint's own split, else :func:`stage_layer_counts`' default rule.
+    layers_per_stage: Optional[tuple[int, ...]] = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -63,8 +66,63 @@ class ParallelContext:
         return ps.get_pipeline_model_parallel_last_rank()
 
 
+LAYERS_PER_STAGE_FIELD = "parallel.layers_per_stage / --layers-per-stage"
+
+
+def stage_layer_counts(num_layers: int, pp: int, layers_per_stage: Optional[Sequence[int]] = None) -> list[int]:
+    """Transformer layers on each pipeline stage: the one place that decides the split.
+
+    ``layers_per_stage`` given: that list, checked (``pp`` entries, each >= 1, summing to
+    ``num_layers``).  None: the default rule, an even split when ``pp`` divides
+    ``num_layers``, else the first ``num_layers % pp`` stages hold one layer more than the
+    rest (3 layers on 2 stages: ``[2, 1]``; 30 on 4: ``[8, 8, 7, 7]``).  The last stage,
+    which also runs the output layer and the loss, is never one of the larger ones.
+    """
+    if layers_per_stage is not None:
+        counts = [int(n) for n in layers_per_stage]
+        check_layers_per_stage(pp, counts)
+        if sum(counts) != num_layers:
+            raise ParallelLayoutError(
+                f"layers_per_stage {counts} ({LAYERS_PER_STAGE_FIELD}) sums to {sum(counts)}, but the model "
+                f"has {num_layers} layers"
+            )
+        return counts
+    if pp > num_layers:
+        raise ParallelLayoutError(
+            f"pipeline parallel size {pp} is larger than the model's {num_layers} layers: every stage needs "
+            f"at least one layer; use a --pp of at most {num_layers}"
+        )
+    base, extra = divmod(num_layers, pp)
+    return [base + 1 if stage < extra else base for stage in range(pp)]
+
+
+def check_layers_per_stage(pp: int, layers_per_stage: Sequence[int]) -> None:
+    """A per-stage layer list must have one entry per stage, each >= 1 (its sum is checked
+    against the model by :func:`stage_layer_counts`)."""
+    counts = list(layers_per_stage)
+    if len(counts) != pp:
+        raise ParallelLayoutError(
+            f"layers_per_stage {counts} ({LAYERS_PER_STAGE_FIELD}) has {len(counts)} entries, "
+            f"the pipeline parallel size is {pp}: give one layer count per stage"
+        )
+    if any(n < 1 for n in counts):
+        raise ParallelLayoutError(
+            f"layers_per_stage {counts} ({LAYERS_PER_STAGE_FIELD}): every stage needs at least one layer"
+        )
+
+
+def stage_layer_offsets(counts: Sequence[int]) -> list[int]:
+    """Model-wide index of each stage's first layer (``[2, 1]`` -> ``[0, 2]``)."""
+    offsets, total = [], 0
+    for n in counts:
+        offsets.append(total)
+        total += n
+    return offsets
+
+
 def validate_layout(world_size: int, tp: int, pp: int, *, num_kv_heads: Optional[int] = None,
-                    num_heads: Optional[int] = None, num_layers: Optional[int] = None) -> int:
+                    num_heads: Optional[int] = None, num_layers: Optional[int] = None,
+                    layers_per_stage: Optional[Sequence[int]] = None) -> int:
     """Check a TP x PP layout against the world size and the model; return DP."""
     if tp < 1 or pp < 1:
         raise ParallelLayoutError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
@@ -82,10 +140,10 @@ def validate_layout(world_size: int, tp: int, pp: int, *, num_kv_heads: Optional
         raise ParallelLayoutError(
             f"tensor parallel size {tp} does not divide the model's {num_heads} attention heads"
         )
-    if num_layers is not None and num_layers % pp != 0:
-        raise ParallelLayoutError(
-            f"pipeline parallel size {pp} does not divide the model's {num_layers} layers"
-        )
+    if num_layers is not None:
+        stage_layer_counts(num_layers, pp, layers_per_stage)
+    elif layers_per_stage is not None:
+        check_layers_per_stage(pp, layers_per_stage)
     return world_size // (tp * pp)
 
 
@@ -117,16 +175,20 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
 
 def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Optional[int] = None,
                num_heads: Optional[int] = None, num_layers: Optional[int] = None,
-               timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> ParallelContext:
+               timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+               layers_per_stage: Optional[Sequence[int]] = None) -> ParallelContext:
     """Set up torch.distributed and megatron-core's TP/PP/DP groups.
 
     The layout is validated before any collective is issued, so a bad layout is
     a one-line error on every rank.  A collective that waits longer than
     ``timeout_minutes`` (a rank stalled or dead) fails on the ranks waiting for it.
+    ``layers_per_stage`` (one count per stage) is kept on the context for the models
+    loaded later; None leaves the split to :func:`stage_layer_counts` (or to an fg
+    checkpoint's own).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_layout(world_size, tp, pp, num_kv_heads=num_kv_heads, num_heads=num_heads,
-                    num_layers=num_layers)
+                    num_layers=num_layers, layers_per_stage=layers_per_stage)
     platform.adapt_megatron_for_cpu()
     init_distributed(timeout_minutes)
     from megatron.core import parallel_state as ps
@@ -142,6 +204,8 @@ def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Opti
         distributed_timeout_minutes=timeout_minutes,  # megatron's own groups would wait 30 minutes
     )
     ctx = context_from_megatron()
+    if layers_per_stage is not None:
+        ctx.layers_per_stage = tuple(int(n) for n in layers_per_stage)
     platform.seed_everything(seed, ctx.tp_rank)
     configure_logging(ctx)
     return ctx

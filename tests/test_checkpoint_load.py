@@ -4,7 +4,8 @@ Models loaded from an HF directory (converted on the fly per rank) and from fg
 checkpoints give transformers' logits; the TP=2,PP=1 -> TP=1,PP=2 reshard gives
 the same logits as the original; a checkpoint saved from live TP=2 or PP=2
 models exports back to the original HF tensors bit for bit; loading at another
-layout is refused with the reshard command.
+layout is refused with the reshard command.  The same for uneven pipeline stages (a
+3-layer model at PP=2): the split is recorded, kept, and a different one refused.
 """
 
 from __future__ import annotations
@@ -126,14 +127,55 @@ def test_other_layout_is_refused_with_the_reshard_command(runs):
     assert f"convert_checkpoint.py reshard --ckpt {root / 'refused_tp1pp2'} --out" in msg and "--tp 2 --pp 1" in msg
 
 
+# --- uneven pipeline stages: a 3-layer model at PP=2 ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uneven_runs(ckpts) -> tuple[Path, dict]:
+    """One torchrun (2 processes, PP=2) on a tied 3-layer Llama: from the HF dir (default split
+    [2, 1]) and from an fg checkpoint converted with [1, 2] (kept: no split asked for), each saved;
+    then with [2, 1] asked for, the [1, 2] checkpoint is refused."""
+    root = ckpts
+    save_hf_model("llama_mha_tied", root / "hf3", tokenizer_dir=root / "tok", num_layers=3)
+    hf_to_fg(root / "hf3", root / "fg3_12", tp=1, pp=2, layers_per_stage=[1, 2])
+    load = [{"name": "pp2u_hf", "path": str(root / "hf3"), "save": str(root / "saved_pp2u_hf")},
+            {"name": "pp2u_fg12", "path": str(root / "fg3_12"), "save": str(root / "saved_pp2u_fg12")}]
+    return root, run(root, [{"tp": 1, "pp": 2, "load": load, "refuse": []},
+                            {"tp": 1, "pp": 2, "layers_per_stage": [2, 1], "load": [],
+                             "refuse": [str(root / "fg3_12")]}])
+
+
+@pytest.mark.distributed
+def test_uneven_stages_load_save_and_refuse(uneven_runs):
+    root, result = uneven_runs
+    for run_name, split in (("pp2u_hf", [2, 1]), ("pp2u_fg12", [1, 2])):
+        got = load_file(root / f"{run_name}.safetensors")
+        with torch.no_grad():
+            ref = hf_model("llama_mha_tied", num_layers=3)(got["ids"]).logits
+        assert ref.std() > 0.5 and (got["logits"] - ref).abs().max().item() <= 1e-4, run_name
+        saved = root / f"saved_{run_name}"
+        meta = read_meta(saved)
+        assert (meta.tp, meta.pp, meta.layers_per_stage, meta.extra) == (1, 2, split, {"step": 7})
+        fg_to_hf(saved, root / f"{saved.name}_hf")
+        src, back = read_hf_dir(root / "hf3"), read_hf_dir(root / f"{saved.name}_hf")
+        assert sorted(src) == sorted(back)
+        for k in src:
+            assert torch.equal(src[k], back[k]), (run_name, k)
+    msg = result["refused"][str(root / "fg3_12")]
+    assert "\n" not in msg
+    assert "saved with tp=1 pp=2 layers_per_stage=1,2 but this run uses tp=1 pp=2 layers_per_stage=2,1" in msg
+    assert msg.endswith("--tp 1 --pp 2 --layers-per-stage 2,1")
+
+
 # --- refusals that need no process group (checked before any model is built) ----------------
 
 
-def _ctx(tp: int, pp: int):
+def _ctx(tp: int, pp: int, layers_per_stage=None):
     from fg_megatron.parallel import ParallelContext
 
     return ParallelContext(world_size=tp * pp, rank=0, tp=tp, pp=pp, dp=1, tp_rank=0, pp_rank=0, dp_rank=0,
-                           tp_group=None, pp_group=None, dp_group=None, device=torch.device("cpu"))
+                           tp_group=None, pp_group=None, dp_group=None, device=torch.device("cpu"),
+                           layers_per_stage=layers_per_stage)
 
 
 def test_load_model_refusals(ckpts, tmp_path):
@@ -152,3 +194,10 @@ def test_load_model_refusals(ckpts, tmp_path):
         load_model(fg, _ctx(2, 1), vocab_pad_multiple=64)
     with pytest.raises(CheckpointMismatchError, match="neither an fg checkpoint"):
         load_model(tmp_path, _ctx(1, 1))
+    from fg_megatron.parallel import ParallelLayoutError
+
+    with pytest.raises(ParallelLayoutError, match=r"layers_per_stage \[1, 2\] .* sums to 3, but the model has 2"):
+        load_model(hf, _ctx(1, 2, (1, 2)))
+    hf_to_fg(hf, tmp_path / "fg_pp2", tp=1, pp=2)
+    with pytest.raises(ParallelLayoutError, match=r"layers_per_stage \[1, 2\] .* sums to 3, but the model has 2"):
+        load_model(tmp_path / "fg_pp2", _ctx(1, 2, (1, 2)))

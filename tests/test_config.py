@@ -53,6 +53,9 @@ def test_defaults_are_the_papers():
     ("optim.adam_beta2=1", "optim.adam_beta1 and optim.adam_beta2 must be in [0, 1)"),
     ("optim.adam_eps=0", "optim.adam_eps > 0"),
     ("optim.initial_loss_scale=0", "optim.initial_loss_scale and optim.loss_scale_window must be >= 1"),
+    ("parallel.layers_per_stage=[2,1]", "layers_per_stage [2, 1] (parallel.layers_per_stage / --layers-per-stage) "
+                                        "has 2 entries, the pipeline parallel size is 1"),
+    ("parallel.layers_per_stage=[x]", "parallel.layers_per_stage[0]: expected an integer, got 'x'"),
 ])
 def test_bad_values_are_one_line_errors(override, needle):
     with pytest.raises(ConfigError) as exc:
@@ -131,3 +134,22 @@ def test_cli_flags_map_to_dotted_names_in_order():
     assert cfg.parallel.tp == 2 and cfg.dpo.constraint == "kd" and cfg.train.resume is True
     assert cfg.dpo.gamma == 0.02  # the later --set wins
     assert cfg.train.steps == 7 and cfg.train.global_batch_size == 16  # the rest from the YAML
+
+
+def test_layers_per_stage_from_yaml_set_and_flag(tmp_path):
+    """parallel.layers_per_stage: null by default; a list from YAML, --set or --layers-per-stage 2,1;
+    one entry per stage, each >= 1 (its sum is checked against the model when it loads)."""
+    assert DPORunConfig().parallel.layers_per_stage is None
+    cfg = load_config(DPORunConfig, overrides=["parallel.pp=3", "parallel.layers_per_stage=[2, 2, 1]"])
+    assert cfg.parallel.layers_per_stage == [2, 2, 1]
+    yaml_file = tmp_path / "split.yaml"
+    yaml_file.write_text("parallel:\n  pp: 2\n  layers_per_stage: [1, 2]\n")
+    assert load_config(DPORunConfig, yaml_file).parallel.layers_per_stage == [1, 2]
+    cfg = parse_run_config(DPORunConfig, ["--pp", "2", "--layers-per-stage", "2,1"], description="x",
+                           default_config="configs/dpo_tiny.yaml")
+    assert (cfg.parallel.pp, cfg.parallel.layers_per_stage) == (2, [2, 1])
+    with pytest.raises(ConfigError, match="every stage needs at least one layer") as exc:
+        load_config(DPORunConfig, overrides=["parallel.pp=2", "parallel.layers_per_stage=[3, 0]"])
+    assert "\n" not in str(exc.value)
+    with pytest.raises(SystemExit):  # argparse: "expected comma-separated layer counts such as 2,1"
+        parse_run_config(DPORunConfig, ["--layers-per-stage", "2;1"], description="x")

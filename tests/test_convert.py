@@ -161,6 +161,83 @@ def test_reshard_casts_dtype_and_repads_vocab(hf_dirs, tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+# --- uneven pipeline stages: 3 layers on 2 or 3 stages -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf3(tmp_path_factory) -> Path:
+    """A tied Llama (vocab 999) with 3 layers: no even split at PP=2."""
+    root = tmp_path_factory.mktemp("hf3")
+    return save_hf_model("llama_mha_tied", root / "llama3l", tokenizer_dir=make_tokenizer(root / "tok"),
+                         num_layers=3)
+
+
+def test_uneven_stages_convert_and_export_bit_exact(hf3, tmp_path):
+    """Default split [2, 1] recorded in the metadata; stage files hold stage-local layer names;
+    the export is the HF model bit for bit."""
+    meta = hf_to_fg(hf3, tmp_path / "fg", tp=2, pp=2)
+    assert (meta.pp, meta.layers_per_stage) == (2, [2, 1])
+    assert read_meta(tmp_path / "fg").layers_per_stage == [2, 1]
+    files = read_fg_dir(tmp_path / "fg")
+    layers = lambda f: sorted({k.split(".")[2] for k in f if k.startswith("decoder.layers.")})  # noqa: E731
+    assert layers(files[shard_file_name(0, 0)]) == ["0", "1"] and layers(files[shard_file_name(0, 1)]) == ["0"]
+    src = load_file(hf3 / "model.safetensors")
+    assert torch.equal(files[shard_file_name(0, 1)]["decoder.layers.0.mlp.linear_fc2.weight"],
+                       src["model.layers.2.mlp.down_proj.weight"][:, :40])  # model layer 2, row-parallel half
+    fg_to_hf(tmp_path / "fg", tmp_path / "back")
+    assert_same_tensors(read_hf_dir(hf3), read_hf_dir(tmp_path / "back"))
+
+
+def test_uneven_reshard_equals_direct_conversion(hf3, tmp_path):
+    """Every reshard path gives the files a direct conversion to that split gives, bit for bit."""
+    for name, tp, pp, split in (("d21", 1, 2, None), ("d12", 1, 2, [1, 2]), ("d111", 1, 3, None),
+                                ("d12_tp2", 2, 2, [1, 2])):
+        hf_to_fg(hf3, tmp_path / name, tp=tp, pp=pp, layers_per_stage=split)
+    assert read_meta(tmp_path / "d111").layers_per_stage == [1, 1, 1]
+    reshard(tmp_path / "d12", tmp_path / "r111", tp=1, pp=3)  # new pp: the default split
+    reshard(tmp_path / "r111", tmp_path / "r12", tp=1, pp=2, layers_per_stage=[1, 2])
+    reshard(tmp_path / "r12", tmp_path / "r12_tp2", tp=2, pp=2)  # same pp: the source's split is kept
+    reshard(tmp_path / "r12_tp2", tmp_path / "r21", tp=1, pp=2, layers_per_stage=[2, 1])
+    for direct, resharded in (("d111", "r111"), ("d12", "r12"), ("d12_tp2", "r12_tp2"), ("d21", "r21")):
+        assert read_meta(tmp_path / resharded).layers_per_stage == read_meta(tmp_path / direct).layers_per_stage
+        fa, fb = read_fg_dir(tmp_path / direct), read_fg_dir(tmp_path / resharded)
+        assert sorted(fa) == sorted(fb)
+        for f in fa:
+            assert_same_tensors(fa[f], fb[f])
+    reshard(tmp_path / "r21", tmp_path / "r1", tp=1, pp=1)
+    fg_to_hf(tmp_path / "r1", tmp_path / "back")
+    assert_same_tensors(read_hf_dir(hf3), read_hf_dir(tmp_path / "back"))
+
+
+def test_checkpoint_without_split_is_the_even_split(hf_dirs, hf3, tmp_path):
+    """Checkpoints written before uneven stages have no layers_per_stage: the even split."""
+    fg = tmp_path / "old"
+    hf_to_fg(hf_dirs["llama_gqa_untied"], fg, tp=1, pp=2)
+    meta = json.loads((fg / META_FILE).read_text())
+    assert meta.pop("layers_per_stage") == [1, 1]
+    (fg / META_FILE).write_text(json.dumps(meta))
+    ckpt = FgCheckpoint(fg)
+    assert ckpt.meta.layers_per_stage is None and ckpt.meta.stage_counts == [1, 1]
+    fg_to_hf(fg, tmp_path / "back")
+    assert_same_tensors(read_hf_dir(hf_dirs["llama_gqa_untied"]), read_hf_dir(tmp_path / "back"))
+
+    uneven = tmp_path / "uneven"
+    hf_to_fg(hf3, uneven, tp=1, pp=2)
+    meta = json.loads((uneven / META_FILE).read_text())
+    for bad, needle in ((None, "no field 'layers_per_stage', and pp 2 does not divide the 3 layers evenly"),
+                        ([1, 1], "layers_per_stage [1, 1] (parallel.layers_per_stage / --layers-per-stage) sums "
+                                 "to 2, but the model has 3 layers"),
+                        ("2,1", "field 'layers_per_stage' must be a list of integers")):
+        (uneven / META_FILE).write_text(json.dumps({**meta, "layers_per_stage": bad}))
+        with pytest.raises(CheckpointMismatchError) as exc:
+            FgCheckpoint(uneven)
+        assert needle in _one_line(exc) and str(uneven / META_FILE) in str(exc.value)
+    # the split is part of the layout: a file laid out as [2, 1] does not pass as [1, 2]
+    (uneven / META_FILE).write_text(json.dumps({**meta, "layers_per_stage": [1, 2]}))
+    with pytest.raises(CheckpointMismatchError, match="unexpected tensor 'decoder.layers.1."):
+        FgCheckpoint(uneven)
+
+
 # --- errors: one line, naming what and where; nothing half-written -------------------------
 
 
@@ -248,8 +325,11 @@ def test_fg_checkpoint_mismatches(hf_dirs, tmp_path):
 def test_layout_errors(hf_dirs, tmp_path):
     with pytest.raises(ParallelLayoutError, match="does not divide the model's 2 key/value heads"):
         hf_to_fg(hf_dirs["llama_gqa_untied"], tmp_path / "fg", tp=4)
-    with pytest.raises(ParallelLayoutError, match="pipeline parallel size 4 does not divide the model's 2 layers"):
+    with pytest.raises(ParallelLayoutError, match="pipeline parallel size 4 is larger than the model's 2 layers"):
         hf_to_fg(hf_dirs["llama_gqa_untied"], tmp_path / "fg", pp=4)
+    with pytest.raises(ParallelLayoutError, match=r"layers_per_stage \[2, 1\] .* sums to 3, but the model has 2"):
+        hf_to_fg(hf_dirs["llama_gqa_untied"], tmp_path / "fg", pp=2, layers_per_stage=[2, 1])
+    assert not (tmp_path / "fg").exists()
 
 
 def test_output_is_atomic_and_never_overwritten(hf_dirs, tmp_path, monkeypatch):
@@ -307,3 +387,23 @@ def test_cli(hf_dirs, tmp_path, capsys):
                                     "--tp", "1", "--pp", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("convert_checkpoint.py reshard: error: output directory")
+
+
+def test_cli_layers_per_stage(hf3, tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import convert_checkpoint
+
+    assert convert_checkpoint.main(["hf-to-fg", "--hf", str(hf3), "--out", str(tmp_path / "a"), "--pp", "2",
+                                    "--layers-per-stage", "1,2"]) == 0
+    assert read_meta(tmp_path / "a").layers_per_stage == [1, 2]
+    assert convert_checkpoint.main(["reshard", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                                    "--tp", "1", "--pp", "2", "--layers-per-stage", "2,1"]) == 0
+    assert read_meta(tmp_path / "b").layers_per_stage == [2, 1]
+    capsys.readouterr()
+    assert convert_checkpoint.main(["reshard", "--ckpt", str(tmp_path / "a"), "--out", str(tmp_path / "c"),
+                                    "--tp", "1", "--pp", "2", "--layers-per-stage", "2,2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sums to 4, but the model has 3 layers" in err
+    assert not (tmp_path / "c").exists()

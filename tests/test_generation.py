@@ -1,6 +1,7 @@
 """Generation with megatron-core against transformers' ``generate``: greedy ids equal token for
-token at TP=1, TP=2 and PP=2 for a left-padded batch of different prompt lengths (with and without
-the KV cache, and each prompt alone); sampling reproducible across layouts and batch orders;
+token at TP=1, TP=2 and PP=2 (also with uneven stages) for a left-padded batch of different
+prompt lengths (with and without the KV cache, and each prompt alone); sampling reproducible
+across layouts and batch orders;
 ``tools/generate.py`` rows equal transformers' greedy responses."""
 
 import json
@@ -37,12 +38,15 @@ def hf_greedy(model, prompts, max_new_tokens, eos_id, pad_id=0):
 def tiny(tmp_path_factory):
     """A tiny random Llama (vocab 1100: padded to 1280 at TP=2) with the tiny tokenizer, its prompts
     (lengths 3..17), and an EOS id that greedy decoding reaches mid-response for some rows."""
+    return _tiny_llama(tmp_path_factory.mktemp("gen"), num_layers=2)
+
+
+def _tiny_llama(tmp, num_layers: int):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tmp = tmp_path_factory.mktemp("gen")
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=1100, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       initializer_range=0.2, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg).eval()
@@ -76,6 +80,23 @@ def test_generate_ids_match_transformers_tp_pp(tiny, tmp_path):
         assert r["sampled"]["1"] != expected, name
     for name in ("tp2", "pp2"):
         assert res[name]["sampled"] == res["tp1"]["sampled"], name
+
+
+@pytest.mark.distributed
+def test_generate_ids_match_transformers_uneven_pp(tmp_path):
+    """3 layers at PP=2 (stages of 2 and 1 layers): megatron-core's KV cache, keyed by the
+    model-wide layer number, and the schedule give transformers' greedy ids."""
+    model, model_dir, prompts, eos, _ = _tiny_llama(tmp_path, num_layers=3)
+    expected = hf_greedy(model, prompts, MAX_NEW, eos_id=eos)
+    (tmp_path / "p.json").write_text(json.dumps(prompts))
+    res = torchrun_json("generation_parity.py", 2, "--load", model_dir, "--prompts", tmp_path / "p.json",
+                        "--eos", str(eos), "--max-new-tokens", str(MAX_NEW), "--layouts", "pp2",
+                        out=tmp_path / "r.json")
+    r = res["pp2"]
+    assert r["cached"] == expected and r["scheduled"] == expected
+    assert r["nocache"] == expected and r["alone"] == expected
+    assert r["finish"] == ["eos" if row[-1] == eos else "length" for row in expected]
+    assert r["sampled_reversed"] == r["sampled"]["1"]
 
 
 @pytest.mark.distributed

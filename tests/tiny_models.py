@@ -37,12 +37,15 @@ VARIANTS = {
 GLM_VARIANTS = tuple(n for n, (t, _) in VARIANTS.items() if t == "glm")
 
 
-def hf_config(name: str):
+def hf_config(name: str, num_layers: int | None = None):
+    """The variant's config; ``num_layers`` overrides its 2 layers (uneven pipeline stages)."""
     from transformers import GlmConfig, LlamaConfig, MistralConfig
 
     model_type, kwargs = VARIANTS[name]
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "glm": GlmConfig}[model_type]
     kwargs = dict(kwargs)
+    if num_layers is not None:
+        kwargs["num_hidden_layers"] = num_layers
     kwargs.setdefault("max_position_embeddings", 256)
     kwargs.setdefault("rms_norm_eps", 1e-5)
     if model_type == "glm":
@@ -51,13 +54,13 @@ def hf_config(name: str):
     return cls(**kwargs)
 
 
-def hf_model(name: str, seed: int = 0):
+def hf_model(name: str, seed: int = 0, num_layers: int | None = None):
     """A tiny random HF causal LM in fp32, eval mode.  Weights are drawn with a
     std large enough that logits differ materially between tokens."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = hf_config(name)
+    cfg = hf_config(name, num_layers)
     cfg.initializer_range = 0.2
     return _perturbed(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval())
 
@@ -106,8 +109,9 @@ def _copy_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
                 shutil.copy(f, Path(out) / f.name)
 
 
-def save_hf_model(name: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
-    model = hf_model(name, seed)
+def save_hf_model(name: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None,
+                  num_layers: int | None = None) -> Path:
+    model = hf_model(name, seed, num_layers)
     model.save_pretrained(out, safe_serialization=True)
     _copy_tokenizer(tokenizer_dir, out)
     return Path(out)

@@ -8,6 +8,9 @@
 ``verify`` checks every file of a training checkpoint against the sha256 recorded
 when it was saved (``DIR``: a run's ``--save`` directory, one ``step_N``, or its ``model/``).
 
+``hf-to-fg`` and ``reshard`` take ``--layers-per-stage 2,1`` (transformer layers on
+each pipeline stage; default: even, else the first stages get one layer more;
+``reshard`` keeps the source's split when ``--pp`` is unchanged).
 Every sub-command also takes ``--dtype {float32,bfloat16,float16}`` (default:
 keep the checkpoint's) and ``--force`` (replace a non-empty output directory).
 Outputs are written to a temporary directory and renamed into place when
@@ -33,6 +36,7 @@ from fg_megatron.checkpoint import convert  # noqa: E402
 from fg_megatron.checkpoint.atomic import OutputExistsError  # noqa: E402
 from fg_megatron.checkpoint.layout import DTYPE_NAMES  # noqa: E402
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError  # noqa: E402
+from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, layers_per_stage_arg  # noqa: E402
 from fg_megatron.models.arch import ModelConfigError  # noqa: E402
 from fg_megatron.parallel import ParallelLayoutError  # noqa: E402
 
@@ -60,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--pp", type=positive_int, default=default, required=default is None, help="pipeline-parallel size")
         p.add_argument("--vocab-pad-multiple", type=positive_int, default=None,
                        help="pad the vocabulary to a multiple of this x TP (default 128, or the checkpoint's)")
+        p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None, metavar="N,N,...",
+                       help=LAYERS_PER_STAGE_HELP)
 
     p = sub.add_parser("hf-to-fg", help="HF directory -> fg checkpoint")
     p.add_argument("--hf", type=Path, required=True, help="HF model directory (config.json + safetensors; ChatGLM: or .bin)")
@@ -107,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "hf-to-fg":
             convert.hf_to_fg(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
                              vocab_pad_multiple=args.vocab_pad_multiple or convert.DEFAULT_VOCAB_PAD_MULTIPLE,
-                             head=args.head)
+                             head=args.head, layers_per_stage=args.layers_per_stage)
         elif args.command == "fg-to-hf":
             convert.fg_to_hf(args.ckpt, args.out, dtype=dtype, force=args.force,
                              max_shard_bytes=int(args.max_shard_size_gb * 1024**3), layout=args.layout)
         else:
             convert.reshard(args.ckpt, args.out, tp=args.tp, pp=args.pp, dtype=dtype, force=args.force,
-                            vocab_pad_multiple=args.vocab_pad_multiple)
+                            vocab_pad_multiple=args.vocab_pad_multiple, layers_per_stage=args.layers_per_stage)
     except USER_ERRORS as exc:
         print(f"convert_checkpoint.py {args.command}: error: {exc}", file=sys.stderr)
         return 2

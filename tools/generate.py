@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node N tools/generate.py --load PATH --tp T [--pp P] --prompts IN.jsonl --out OUT.jsonl \
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--batch-size B] \
-        [--backend auto|direct|schedule]
+        [--backend auto|direct|schedule] [--layers-per-stage N,N,...]
 
 PATH is an HF directory or an fg checkpoint.  Input rows need a "prompt" (any
 data format works: preference and SFT files give their prompts) or pre-tokenised
@@ -15,6 +15,7 @@ for any layout.
 
 import argparse
 
+from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, layers_per_stage_arg
 from fg_megatron.generation.runner import generate_file
 from fg_megatron.trainers.errors import run_cli
 
@@ -25,6 +26,8 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None, metavar="N,N,...",
+                   help=LAYERS_PER_STAGE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -42,4 +45,5 @@ if __name__ == "__main__":
     run_cli(lambda: generate_file(a.load, a.prompts, a.out, tp=a.tp, pp=a.pp, max_new_tokens=a.max_new_tokens,
                                   temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
                                   batch_size=a.batch_size, max_prompt_length=a.max_prompt_length,
-                                  use_cache=not a.no_cache, dtype=a.dtype, backend=a.backend))
+                                  use_cache=not a.no_cache, dtype=a.dtype, backend=a.backend,
+                                  layers_per_stage=a.layers_per_stage))

@@ -1,6 +1,7 @@
 """Sequence log-likelihood of responses given prompts, or their rewards under a reward model.
 
     torchrun --nproc-per-node N tools/score.py --load PATH --tp T --pp P --data IN.jsonl --out OUT.jsonl
+        [--layers-per-stage N,N,...]
 
 PATH is an HF directory or an fg checkpoint.  Rows are {"prompt", "response"}
 strings or pre-tokenised {"prompt_ids", "response_ids"} (scored exactly as
@@ -11,6 +12,7 @@ row's last real token) and "n_tokens" instead.
 
 import argparse
 
+from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, layers_per_stage_arg
 from fg_megatron.eval.score import score_file
 from fg_megatron.trainers.errors import run_cli
 
@@ -21,9 +23,12 @@ if __name__ == "__main__":
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None, metavar="N,N,...",
+                   help=LAYERS_PER_STAGE_HELP)
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward per DP rank")
     p.add_argument("--logprob-impl", default="auto", choices=["auto", "triton", "torch", "megatron"])
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
     a = p.parse_args()
     run_cli(lambda: score_file(a.load, a.data, a.out, tp=a.tp, pp=a.pp, batch_size=a.batch_size,
-                               logprob_impl=a.logprob_impl, dtype=a.dtype))
+                               logprob_impl=a.logprob_impl, dtype=a.dtype,
+                               layers_per_stage=a.layers_per_stage))

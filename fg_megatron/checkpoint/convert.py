@@ -17,7 +17,7 @@ import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from fg_megatron.checkpoint.layout import (
     full_shape,
     shard_shape,
     shard_file_name,
+    split_for,
     store_hf_config,
     write_meta,
 )
@@ -51,7 +52,7 @@ from fg_megatron.models import arch_from_hf_config, family_module, sharding, sta
 from fg_megatron.models.adapter import StateDictAdapter
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import DEFAULT_VOCAB_PAD_MULTIPLE, padded_vocab_size
-from fg_megatron.parallel import validate_layout
+from fg_megatron.parallel import stage_layer_counts, validate_layout
 
 log = logging.getLogger("fg_megatron.checkpoint")
 
@@ -112,23 +113,24 @@ def _cast(tensor: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
 
 
 def _shard_stream(full: Iterator[tuple[str, Tensor]], arch: ModelArch, *, tp: int, pp: int, padded_vocab: int,
-                  dtype: Optional[torch.dtype]) -> Iterator[tuple[tuple[int, int], str, Tensor]]:
+                  dtype: Optional[torch.dtype], layers_per_stage: Sequence[int]
+                  ) -> Iterator[tuple[tuple[int, int], str, Tensor]]:
     """((tp_rank, pp_rank), stage-local name, shard) for every output file."""
     for name, tensor in full:
         tensor = _cast(tensor, dtype)
-        for stage, local in sharding.stage_of(name, arch, pp):
+        for stage, local in sharding.stage_of(name, arch, pp, layers_per_stage):
             for tp_rank in range(tp):
                 yield (tp_rank, stage), local, sharding.shard(name, tensor, tp, tp_rank, padded_vocab)
 
 
 def _write_fg_shards(out: Path, names: list[str], full: Iterator[tuple[str, Tensor]], arch: ModelArch, *,
-                     tp: int, pp: int, padded_vocab: int, dtype: torch.dtype) -> int:
+                     tp: int, pp: int, padded_vocab: int, dtype: torch.dtype, layers_per_stage: Sequence[int]) -> int:
     """Stream the full megatron tensors ``names`` (arriving from ``full``) into one
     file per (TP rank, PP stage), planned up front from the architecture's shapes."""
     plan: dict[tuple[int, int], list[TensorSpec]] = defaultdict(list)
     for name in names:
         shape = shard_shape(name, full_shape(name, arch), tp, padded_vocab)
-        for stage, local in sharding.stage_of(name, arch, pp):
+        for stage, local in sharding.stage_of(name, arch, pp, layers_per_stage):
             for tp_rank in range(tp):
                 plan[(tp_rank, stage)].append(TensorSpec(local, dtype, shape))
     writers = {}
@@ -138,7 +140,8 @@ def _write_fg_shards(out: Path, names: list[str], full: Iterator[tuple[str, Tens
                 meta = {"fg_tp_rank": str(tp_rank), "fg_pp_rank": str(pp_rank)}
                 writers[(tp_rank, pp_rank)] = StreamingWriter(out / shard_file_name(tp_rank, pp_rank),
                                                               plan[(tp_rank, pp_rank)], meta)
-        for key, local, piece in _shard_stream(full, arch, tp=tp, pp=pp, padded_vocab=padded_vocab, dtype=dtype):
+        for key, local, piece in _shard_stream(full, arch, tp=tp, pp=pp, padded_vocab=padded_vocab, dtype=dtype,
+                                               layers_per_stage=layers_per_stage):
             writers[key].write(local, piece)
         for writer in writers.values():
             writer.close()
@@ -150,12 +153,13 @@ def _write_fg_shards(out: Path, names: list[str], full: Iterator[tuple[str, Tens
 
 def hf_to_fg(hf_dir: Path, out: Path, *, tp: int = 1, pp: int = 1, dtype: Optional[torch.dtype] = None,
              vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE, force: bool = False,
-             head: Optional[str] = None) -> CheckpointMeta:
+             head: Optional[str] = None, layers_per_stage: Optional[Sequence[int]] = None) -> CheckpointMeta:
     """Convert an HF model directory into an fg checkpoint for a TP x PP layout.
 
     ``head`` None keeps the model's own head; ``"value"`` on a causal LM seeds a value
     model from it (:mod:`~fg_megatron.checkpoint.value_seed`); ``"lm"`` on a value model
-    is an error."""
+    is an error.  ``layers_per_stage`` (one count per stage) None is the default split of
+    :func:`~fg_megatron.parallel.stage_layer_counts`."""
     hf_dir, out = Path(hf_dir), Path(out)
     hf_config = read_hf_config(hf_dir)
     seeding = seeds_value_head(hf_config, head, str(hf_dir))
@@ -164,7 +168,8 @@ def hf_to_fg(hf_dir: Path, out: Path, *, tp: int = 1, pp: int = 1, dtype: Option
     if seeding:
         arch = family_of(out_config)[1]  # the model written: no output layer, a value head
     validate_layout(tp * pp, tp, pp, num_kv_heads=arch.num_query_groups, num_heads=arch.num_attention_heads,
-                    num_layers=arch.num_layers)
+                    num_layers=arch.num_layers, layers_per_stage=layers_per_stage)
+    split = stage_layer_counts(arch.num_layers, pp, layers_per_stage)
     weights = open_hf_weights(hf_dir)
     check_hf_tensors(src_adapter, weights)
     out_dtype = dtype or weights.dtype()
@@ -172,7 +177,7 @@ def hf_to_fg(hf_dir: Path, out: Path, *, tp: int = 1, pp: int = 1, dtype: Option
     meta = CheckpointMeta(family=family, hf_config=out_config, tp=tp, pp=pp, num_layers=arch.num_layers,
                           vocab_size=arch.vocab_size, padded_vocab_size=padded,
                           vocab_pad_multiple=vocab_pad_multiple, dtype=dtype_name(out_dtype),
-                          source=str(hf_dir.resolve()))
+                          source=str(hf_dir.resolve()), layers_per_stage=split)
 
     present = set(weights.names())
     names = [name for name, hf_names, _ in src_adapter.entries() if any(h in present for h in hf_names)]
@@ -181,36 +186,44 @@ def hf_to_fg(hf_dir: Path, out: Path, *, tp: int = 1, pp: int = 1, dtype: Option
         names = [n for n in names if n != LM_OUTPUT_NAME] + [VALUE_HEAD_NAME]
         full = seed_value_tensors(full, last_stage=True, hidden_size=arch.hidden_size, dtype=out_dtype)
     with atomic_output_dir(out, force, inputs=[hf_dir]) as tmp:
-        nbytes = _write_fg_shards(tmp, names, full, arch, tp=tp, pp=pp, padded_vocab=padded, dtype=out_dtype)
+        nbytes = _write_fg_shards(tmp, names, full, arch, tp=tp, pp=pp, padded_vocab=padded, dtype=out_dtype,
+                                  layers_per_stage=split)
         copy_side_files(hf_dir, tmp / HF_FILES_DIR)
         store_hf_config(tmp, out_config)
         write_meta(tmp, meta)
-    log.info("wrote %s: %s (%s head) tp=%d pp=%d %s, %.1f MB", out, family, arch.head, tp, pp, meta.dtype,
-             nbytes / 1e6)
+    log.info("wrote %s: %s (%s head) tp=%d pp=%d (layers per stage %s) %s, %.1f MB", out, family, arch.head, tp,
+             pp, split, meta.dtype, nbytes / 1e6)
     return meta
 
 
 def reshard(ckpt: Path, out: Path, *, tp: int, pp: int, dtype: Optional[torch.dtype] = None,
-            vocab_pad_multiple: Optional[int] = None, force: bool = False) -> CheckpointMeta:
-    """Rewrite an fg checkpoint for another TP x PP layout (and optionally dtype)."""
+            vocab_pad_multiple: Optional[int] = None, force: bool = False,
+            layers_per_stage: Optional[Sequence[int]] = None) -> CheckpointMeta:
+    """Rewrite an fg checkpoint for another TP x PP layout (and optionally dtype).
+
+    ``layers_per_stage`` None keeps the source's split when ``pp`` is unchanged, else
+    takes the default split of :func:`~fg_megatron.parallel.stage_layer_counts`."""
     ckpt, out = Path(ckpt), Path(out)
     src = FgCheckpoint(ckpt)
     arch = src.arch
     validate_layout(tp * pp, tp, pp, num_kv_heads=arch.num_query_groups, num_heads=arch.num_attention_heads,
-                    num_layers=arch.num_layers)
+                    num_layers=arch.num_layers, layers_per_stage=layers_per_stage)
+    split = split_for(arch.num_layers, pp, layers_per_stage, src.meta)
     multiple = vocab_pad_multiple or src.meta.vocab_pad_multiple
     padded = padded_vocab_size(arch.vocab_size, tp, multiple)
     out_dtype = dtype or src.meta.torch_dtype
     names = src.present_full_names()
     meta = CheckpointMeta(**{**vars(src.meta), "tp": tp, "pp": pp, "padded_vocab_size": padded,
                              "vocab_pad_multiple": multiple, "dtype": dtype_name(out_dtype),
-                             "source": str(ckpt.resolve())})
+                             "source": str(ckpt.resolve()), "layers_per_stage": split})
     with atomic_output_dir(out, force, inputs=[ckpt]) as tmp:
         full = ((name, src.full_tensor(name)) for name in names)
-        nbytes = _write_fg_shards(tmp, names, full, arch, tp=tp, pp=pp, padded_vocab=padded, dtype=out_dtype)
+        nbytes = _write_fg_shards(tmp, names, full, arch, tp=tp, pp=pp, padded_vocab=padded, dtype=out_dtype,
+                                  layers_per_stage=split)
         copy_side_files(ckpt / HF_FILES_DIR, tmp / HF_FILES_DIR)
         write_meta(tmp, meta)
-    log.info("wrote %s: tp=%d pp=%d %s, %.1f MB", out, tp, pp, meta.dtype, nbytes / 1e6)
+    log.info("wrote %s: tp=%d pp=%d (layers per stage %s) %s, %.1f MB", out, tp, pp, split, meta.dtype,
+             nbytes / 1e6)
     return meta
 
 

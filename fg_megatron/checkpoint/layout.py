@@ -2,8 +2,9 @@
 
     CKPT/
       fg_checkpoint.json             metadata (CheckpointMeta): format version,
-                                     family, HF config.json, tp, pp, vocabulary
-                                     padding, dtype, layers, provenance, extra
+                                     family, HF config.json, tp, pp, layers per
+                                     stage, vocabulary padding, dtype, layers,
+                                     provenance, extra
       model_tp00_pp00.safetensors    one file per (TP rank, PP stage): exactly the
       model_tp01_pp00.safetensors    stage's megatron ``state_dict`` names (stage-
       ...                            local layer indices, no ``_extra_state``)
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -32,6 +33,7 @@ from fg_megatron.models import arch_from_hf_config, sharding, state_dict_adapter
 from fg_megatron.models.adapter import StateDictAdapter
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import padded_vocab_size
+from fg_megatron.parallel import ParallelLayoutError, stage_layer_counts
 
 FORMAT_NAME = "fg_megatron"
 FORMAT_VERSION = 1
@@ -72,12 +74,20 @@ class CheckpointMeta:
     dtype: str  # one of DTYPE_NAMES
     source: Optional[str] = None  # the HF dir or checkpoint it was made from (side files come from there)
     extra: dict = field(default_factory=dict)  # trainers' own state (step, config, ...)
+    # Transformer layers on each pipeline stage; absent (checkpoints written before uneven
+    # stages existed): the even split, the only one those could hold.
+    layers_per_stage: Optional[list[int]] = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    @property
+    def stage_counts(self) -> list[int]:
+        """The layers each stage of this checkpoint holds (the recorded split, else the even one)."""
+        return stage_layer_counts(self.num_layers, self.pp, self.layers_per_stage)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -109,6 +119,17 @@ def read_meta(path: Path) -> CheckpointMeta:
     if meta.dtype not in DTYPE_NAMES:
         raise CheckpointMismatchError(f"{meta_path}: field 'dtype' is {meta.dtype!r}, expected one of "
                                       f"{', '.join(DTYPE_NAMES)}")
+    split = meta.layers_per_stage
+    if split is not None and (not isinstance(split, list) or not all(type(n) is int for n in split)):
+        raise CheckpointMismatchError(f"{meta_path}: field 'layers_per_stage' must be a list of integers, "
+                                      f"got {split!r}")
+    try:
+        counts = meta.stage_counts
+    except ParallelLayoutError as exc:
+        raise CheckpointMismatchError(f"{meta_path}: {exc}") from None
+    if split is None and len(set(counts)) > 1:
+        raise CheckpointMismatchError(f"{meta_path}: no field 'layers_per_stage', and pp {meta.pp} does not "
+                                      f"divide the {meta.num_layers} layers evenly")
     return meta
 
 
@@ -173,23 +194,47 @@ def shard_shape(name: str, shape: tuple[int, ...], tp: int, padded_vocab: int) -
 
 
 def stage_specs(arch: ModelArch, adapter: StateDictAdapter, *, tp: int, pp: int, pp_rank: int,
-                padded_vocab: int, dtype: torch.dtype) -> dict[str, tuple[TensorSpec, bool]]:
+                padded_vocab: int, dtype: torch.dtype,
+                layers_per_stage: Optional[Sequence[int]] = None) -> dict[str, tuple[TensorSpec, bool]]:
     """Stage-local name -> (spec, optional) of the tensors each shard file of a stage holds
     (the same for every TP rank)."""
     out = {}
     for name, optional in full_names(adapter):
-        for stage, local in sharding.stage_of(name, arch, pp):
+        for stage, local in sharding.stage_of(name, arch, pp, layers_per_stage):
             if stage == pp_rank:
                 shape = shard_shape(name, full_shape(name, arch), tp, padded_vocab)
                 out[local] = (TensorSpec(local, dtype, shape), optional)
     return out
 
 
-def reshard_hint(path: Path, meta: CheckpointMeta, tp: int, pp: int) -> str:
+def split_for(num_layers: int, pp: int, requested: Optional[Sequence[int]],
+              saved: Optional[CheckpointMeta] = None) -> list[int]:
+    """The layers per stage a model is built (or a checkpoint written) with: ``requested``
+    when given; else the split ``saved`` (the fg checkpoint it comes from) records, when it
+    has the same pipeline size; else :func:`~fg_megatron.parallel.stage_layer_counts`'
+    default rule."""
+    if requested is None and saved is not None and saved.pp == pp:
+        return saved.stage_counts
+    return stage_layer_counts(num_layers, pp, requested)
+
+
+def _split_text(counts: Sequence[int]) -> str:
+    return ",".join(str(n) for n in counts)
+
+
+def reshard_hint(path: Path, meta: CheckpointMeta, tp: int, pp: int,
+                 layers_per_stage: Optional[Sequence[int]] = None) -> str:
+    """The error for a checkpoint saved at another layout, with the command that converts it.
+    ``layers_per_stage`` is the split this run asked for (None: the default one)."""
     out = f"{str(path).rstrip('/')}_tp{tp}_pp{pp}"
-    return (f"fg checkpoint {path} was saved with tp={meta.tp} pp={meta.pp} but this run uses tp={tp} pp={pp}; "
+    saved, now, flag = f"tp={meta.tp} pp={meta.pp}", f"tp={tp} pp={pp}", ""
+    if layers_per_stage is not None and list(layers_per_stage) != meta.stage_counts:
+        saved += f" layers_per_stage={_split_text(meta.stage_counts)}"
+        now += f" layers_per_stage={_split_text(layers_per_stage)}"
+        flag = f" --layers-per-stage {_split_text(layers_per_stage)}"
+    return (f"fg checkpoint {path} was saved with {saved} but this run uses {now}; "
             f"convert it first: python tools/convert_checkpoint.py reshard --ckpt {path} --out {out} "
-            f"--tp {tp} --pp {pp}")
+            f"--tp {tp} --pp {pp}{flag}")
 
 
 class FgCheckpoint:
@@ -236,7 +281,8 @@ class FgCheckpoint:
         meta = self.meta
         handle = self.file(tp_rank, pp_rank)
         expected = stage_specs(self.arch, self.adapter, tp=meta.tp, pp=meta.pp, pp_rank=pp_rank,
-                               padded_vocab=meta.padded_vocab_size, dtype=meta.torch_dtype)
+                               padded_vocab=meta.padded_vocab_size, dtype=meta.torch_dtype,
+                               layers_per_stage=meta.stage_counts)
         present = set(handle.names())
         for name, (spec, optional) in expected.items():
             if name not in present:
@@ -265,13 +311,17 @@ class FgCheckpoint:
         """Full megatron names stored in this checkpoint (optional ones only if present)."""
         out = []
         for name, _ in full_names(self.adapter):
-            stage, local = sharding.stage_of(name, self.arch, self.meta.pp)[0]
+            stage, local = self._place(name)
             if local in self.file(0, stage):
                 out.append(name)
         return out
 
+    def _place(self, name: str) -> tuple[int, str]:
+        """(stage, stage-local name) of the stored copy of a full tensor."""
+        return sharding.stage_of(name, self.arch, self.meta.pp, self.meta.stage_counts)[0]
+
     def _locate(self, name: str) -> Optional[tuple[int, str]]:
-        stage, local = sharding.stage_of(name, self.arch, self.meta.pp)[0]
+        stage, local = self._place(name)
         return (stage, local) if local in self.file(0, stage) else None
 
     def full_tensor(self, name: str) -> Optional[Tensor]:

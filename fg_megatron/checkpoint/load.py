@@ -30,6 +30,7 @@ from fg_megatron.checkpoint.layout import (
     is_fg_checkpoint,
     reshard_hint,
     shard_file_name,
+    split_for,
     store_hf_config,
     write_meta,
 )
@@ -41,7 +42,7 @@ from fg_megatron.models import sharding
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import (DEFAULT_VOCAB_PAD_MULTIPLE, build_gpt_model, padded_vocab_size,
                                    stage_state_dict)
-from fg_megatron.parallel import ParallelContext, validate_layout
+from fg_megatron.parallel import ParallelContext, stage_layer_counts, validate_layout
 
 
 def _hf_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: int, expect_family: Optional[str],
@@ -58,24 +59,25 @@ def _hf_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: i
     arch = family_of(config)[1] if seeding else src_arch
     dtype = weights.dtype()
     padded = padded_vocab_size(arch.vocab_size, ctx.tp, vocab_pad_multiple)
+    split = split_for(arch.num_layers, ctx.pp, ctx.layers_per_stage)
     meta = CheckpointMeta(family=family, hf_config=config, tp=ctx.tp, pp=ctx.pp, num_layers=arch.num_layers,
                           vocab_size=arch.vocab_size, padded_vocab_size=padded,
                           vocab_pad_multiple=vocab_pad_multiple, dtype=dtype_name(dtype),
-                          source=str(path.resolve()))
+                          source=str(path.resolve()), layers_per_stage=split)
 
     def on_this_stage(name: str) -> bool:  # placement by the model being built (a value model ties nothing)
         if seeding and name == LM_OUTPUT_NAME:
             return False
-        return any(stage == ctx.pp_rank for stage, _ in sharding.stage_of(name, arch, ctx.pp))
+        return any(stage == ctx.pp_rank for stage, _ in sharding.stage_of(name, arch, ctx.pp, split))
 
     def tensors() -> Iterator[tuple[str, Tensor]]:
-        layers = sharding.layers_of_stage(arch.num_layers, ctx.pp, ctx.pp_rank)
+        layers = sharding.layers_of_stage(arch.num_layers, ctx.pp, ctx.pp_rank, split)
         full = megatron_from_hf(src_adapter, weights.get, layers=layers, keep=on_this_stage)
         if seeding:
             full = seed_value_tensors(full, last_stage=ctx.pp_rank == ctx.pp - 1, hidden_size=arch.hidden_size,
                                       dtype=dtype)
         for name, tensor in full:
-            for stage, local in sharding.stage_of(name, arch, ctx.pp):
+            for stage, local in sharding.stage_of(name, arch, ctx.pp, split):
                 if stage == ctx.pp_rank:
                     yield local, sharding.shard(name, tensor, ctx.tp, ctx.tp_rank, padded)
 
@@ -88,8 +90,11 @@ def _fg_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: O
     ckpt = FgCheckpoint(path, expect_family=expect_family)
     meta, arch = ckpt.meta, ckpt.arch
     seeding = seeds_value_head(meta.hf_config, head, str(path))
-    if (meta.tp, meta.pp) != (ctx.tp, ctx.pp):
-        raise CheckpointMismatchError(reshard_hint(path, meta, ctx.tp, ctx.pp))
+    # Without an explicit split a checkpoint at this pp keeps its own; an explicit one must match.
+    split = split_for(arch.num_layers, ctx.pp, ctx.layers_per_stage, meta)
+    if (meta.tp, meta.pp, meta.stage_counts) != (ctx.tp, ctx.pp, split):
+        raise CheckpointMismatchError(reshard_hint(path, meta, ctx.tp, ctx.pp, ctx.layers_per_stage))
+    meta.layers_per_stage = split
     if vocab_pad_multiple not in (None, meta.vocab_pad_multiple):
         raise CheckpointMismatchError(
             f"{path}: saved with vocab_pad_multiple {meta.vocab_pad_multiple}, asked for {vocab_pad_multiple}; "
@@ -152,9 +157,11 @@ def load_model(path: Path | str, ctx: ParallelContext, *, dtype: Optional[torch.
         raise CheckpointMismatchError(f"{path}: neither an fg checkpoint (fg_checkpoint.json) nor an HF model "
                                       f"directory (config.json)")
     validate_layout(ctx.world_size, ctx.tp, ctx.pp, num_kv_heads=arch.num_query_groups,
-                    num_heads=arch.num_attention_heads, num_layers=arch.num_layers)
+                    num_heads=arch.num_attention_heads, num_layers=arch.num_layers,
+                    layers_per_stage=meta.layers_per_stage)
     model = build_gpt_model(arch, tp=ctx.tp, pp=ctx.pp, pp_rank=ctx.pp_rank, dtype=dtype or meta.torch_dtype,
-                            vocab_pad_multiple=meta.vocab_pad_multiple, use_te=use_te, recompute=recompute)
+                            vocab_pad_multiple=meta.vocab_pad_multiple, use_te=use_te, recompute=recompute,
+                            layers_per_stage=meta.layers_per_stage)
     load_stage_state(model, tensors, str(path))
     if dtype is not None:
         meta.dtype = dtype_name(dtype)
@@ -180,8 +187,8 @@ def save_model(model: torch.nn.Module, arch: ModelArch, meta: CheckpointMeta, pa
                side_files_from: Optional[Path | str] = None) -> Path:
     """Write an fg checkpoint of the live model; call on every rank.
 
-    ``meta`` is the one :func:`load_model` returned (family, HF config, padding);
-    its layout and dtype are updated from ``ctx`` and the model.  Tokenizer and
+    ``meta`` is the one :func:`load_model` returned (family, HF config, padding, layers
+    per stage); its layout and dtype are updated from ``ctx`` and the model.  Tokenizer and
     config side files are copied from ``side_files_from`` (default: ``meta.source``).
     """
     path = Path(path)
@@ -210,6 +217,8 @@ def save_model(model: torch.nn.Module, arch: ModelArch, meta: CheckpointMeta, pa
     if ctx.is_main:
         try:
             out_meta = CheckpointMeta(**{**vars(meta), "tp": ctx.tp, "pp": ctx.pp,
+                                         "layers_per_stage": stage_layer_counts(arch.num_layers, ctx.pp,
+                                                                                meta.layers_per_stage),
                                          "padded_vocab_size": padded_vocab_size(arch.vocab_size, ctx.tp,
                                                                                 meta.vocab_pad_multiple),
                                          "dtype": dtype_name(next(iter(dtypes))),

@@ -70,9 +70,10 @@ def hf_from_megatron(adapter: StateDictAdapter, get_full: Callable[[str], Option
 
 
 def stage_shards(full: Iterable[tuple[str, Tensor]], adapter: StateDictAdapter, *, tp: int, tp_rank: int,
-                 pp: int, pp_rank: int, padded_vocab: int) -> Iterator[tuple[str, Tensor]]:
+                 pp: int, pp_rank: int, padded_vocab: int,
+                 layers_per_stage: Optional[Sequence[int]] = None) -> Iterator[tuple[str, Tensor]]:
     """(stage-local name, shard) for one (TP rank, PP stage) from full megatron tensors."""
     for name, tensor in full:
-        for stage, local_name in sharding.stage_of(name, adapter.arch, pp):
+        for stage, local_name in sharding.stage_of(name, adapter.arch, pp, layers_per_stage):
             if stage == pp_rank:
                 yield local_name, sharding.shard(name, tensor, tp, tp_rank, padded_vocab)

@@ -17,10 +17,24 @@ T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+
+def layers_per_stage_arg(text: str) -> list[int]:
+    """``--layers-per-stage 2,1``: transformer layers on each pipeline stage."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts such as 2,1; got {text!r}") from None
+
+
+LAYERS_PER_STAGE_HELP = ("transformer layers on each pipeline stage, e.g. 2,1 (default: an fg checkpoint's own "
+                         "split, else even, else the first stages get one layer more)")
+
 # flag -> (dotted key, argparse kwargs)
 COMMON_FLAGS = {
     "--tp": ("parallel.tp", dict(type=int, help="tensor-parallel size")),
     "--pp": ("parallel.pp", dict(type=int, help="pipeline-parallel size")),
+    "--layers-per-stage": ("parallel.layers_per_stage", dict(type=layers_per_stage_arg, metavar="N,N,...",
+                                                             help=LAYERS_PER_STAGE_HELP)),
     "--load": ("model.load", dict(help="HF directory or fg checkpoint to start from")),
     "--data": ("data.train", dict(help="training data file (JSONL or parquet)")),
     "--save": ("train.save", dict(help="output directory (checkpoints, metrics.jsonl, tb/)")),

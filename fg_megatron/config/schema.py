@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from fg_megatron.config.loader import ConfigError
+from fg_megatron.parallel import ParallelLayoutError, check_layers_per_stage
 
 LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
 
@@ -17,7 +18,11 @@ LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
 @dataclass
 class ParallelConfig:
     tp: int = 1  # tensor-parallel size (must divide the model's KV heads)
-    pp: int = 1  # pipeline-parallel size (must divide the layers); DP = world / (tp * pp)
+    pp: int = 1  # pipeline-parallel size (at most the layers); DP = world / (tp * pp)
+    # Transformer layers on each pipeline stage, e.g. [2, 1]: pp entries, each >= 1, summing to
+    # the model's layers.  null: an fg checkpoint's own split at this pp, else an even split,
+    # else the first layers % pp stages hold one layer more (parallel.stage_layer_counts).
+    layers_per_stage: Optional[list[int]] = None
     # A collective that waits longer than this (a rank stalled, hung or dead) fails on the waiting
     # ranks and torchrun stops the job.
     timeout_minutes: float = 10.0
@@ -27,6 +32,11 @@ class ParallelConfig:
             raise ConfigError(f"parallel.tp and parallel.pp must be >= 1 (got {self.tp}, {self.pp})")
         if not self.timeout_minutes > 0:
             raise ConfigError(f"parallel.timeout_minutes must be > 0 (got {self.timeout_minutes})")
+        if self.layers_per_stage is not None:
+            try:
+                check_layers_per_stage(self.pp, self.layers_per_stage)
+            except ParallelLayoutError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclass

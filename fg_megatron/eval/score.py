@@ -13,7 +13,7 @@ as given.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from fg_megatron import parallel
 from fg_megatron.checkpoint.load import load_model
@@ -33,12 +33,15 @@ log = get_logger("score")
 
 def score_file(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, batch_size: int = 8,
                logprob_impl: str = "auto", dtype: str = "float32", seed: int = 1234,
-               micro_batches_per_call: int = 16) -> Optional[list[dict]]:
-    """Score every row of ``data`` and write ``out`` (rank 0); returns the rows on rank 0."""
+               micro_batches_per_call: int = 16,
+               layers_per_stage: Optional[Sequence[int]] = None) -> Optional[list[dict]]:
+    """Score every row of ``data`` and write ``out`` (rank 0); returns the rows on rank 0.
+    ``layers_per_stage``: transformer layers per pipeline stage (None: the checkpoint's split
+    or the default rule, see :func:`fg_megatron.parallel.stage_layer_counts`)."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1 (got {batch_size})")
     check_output_file(out)  # before loading the model and scoring, not after
-    ctx = parallel.initialize(tp, pp, seed=seed)
+    ctx = parallel.initialize(tp, pp, seed=seed, layers_per_stage=layers_per_stage)
     model, arch, _ = load_model(load, ctx, dtype=model_dtype(dtype))
     model.eval()
     tokenizer = load_tokenizer(load)  # pads batches; tokenises text rows

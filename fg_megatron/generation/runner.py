@@ -74,7 +74,8 @@ def decode(tokenizer: Any, ids: Sequence[int], eos_ids: Sequence[int]) -> str:
 def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 1234,
                   batch_size: int = 32, max_prompt_length: Optional[int] = None, use_cache: bool = True,
-                  dtype: str = "float32", backend: str = "auto") -> Optional[list[dict]]:
+                  dtype: str = "float32", backend: str = "auto",
+                  layers_per_stage: Optional[Sequence[int]] = None) -> Optional[list[dict]]:
     """Generate a response for every row of ``prompts`` and write ``out`` (rank 0); returns the
     rows on rank 0.  Sampling (``temperature > 0``) draws each prompt's tokens from a generator
     seeded by ``(seed, its line)``: the same seed gives the same responses for any layout."""
@@ -84,7 +85,7 @@ def generate_file(load: str, prompts: str, out: str, *, tp: int = 1, pp: int = 1
         raise GenerationSettingsError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if dtype not in _DTYPES:
         raise GenerationSettingsError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    ctx = parallel.initialize(tp, pp, seed=seed)
+    ctx = parallel.initialize(tp, pp, seed=seed, layers_per_stage=layers_per_stage)
     model, arch, _ = load_model(load, ctx, dtype=_DTYPES[dtype])
     model.eval()
     try:

@@ -13,7 +13,7 @@ it the way transformers' ``*ForSequenceClassification`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fg_megatron import platform
 from fg_megatron.models.arch import VALUE_HEAD, ModelArch, rope_inv_freq
+from fg_megatron.parallel import stage_layer_counts
 
 DEFAULT_VOCAB_PAD_MULTIPLE = 128
 
@@ -60,9 +61,29 @@ def sequence_scores(values: Tensor, lengths: Tensor) -> Tensor:
     return values.gather(1, index).squeeze(1)
 
 
+def pipeline_layout(counts: Sequence[int]) -> Optional[list[list[str]]]:
+    """megatron-core's ``pipeline_model_parallel_layout`` for per-stage layer counts, or None
+    for an even split (megatron-core's own ``num_layers // pp``).
+
+    Stage ``i`` holds ``counts[i]`` decoder layers; the embedding sits on the first stage
+    and the loss (output layer) on the last, as ``pre_process`` / ``post_process`` build
+    them.  megatron-core numbers each stage's layers from the sum of the counts before it
+    (``PipelineParallelLayerLayout.get_layer_offset``): the checkpoint mapping of
+    :func:`fg_megatron.models.sharding.layers_of_stage`, checked in :func:`build_gpt_model`.
+    """
+    if len(set(counts)) <= 1:
+        return None
+    layout = [["decoder"] * n for n in counts]
+    layout[0].insert(0, "embedding")
+    layout[-1].append("loss")
+    return layout
+
+
 def transformer_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
-                       perform_initialization: bool = False, recompute: bool = False):
-    """megatron-core ``TransformerConfig`` for this architecture and layout."""
+                       perform_initialization: bool = False, recompute: bool = False,
+                       layers_per_stage: Optional[Sequence[int]] = None):
+    """megatron-core ``TransformerConfig`` for this architecture and layout; the pipeline
+    split is :func:`~fg_megatron.parallel.stage_layer_counts` of ``layers_per_stage``."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = platform.cuda_available()
@@ -105,6 +126,9 @@ def transformer_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype 
     if pp > 1:
         # Micro-batches of one step may differ in length: stages exchange shapes.
         kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
+        layout = pipeline_layout(stage_layer_counts(arch.num_layers, pp, layers_per_stage))
+        if layout is not None:
+            kwargs["pipeline_model_parallel_layout"] = layout
     if arch.sliding_window is not None:
         # HF Mistral: position i sees j when i - j < window (itself included).
         kwargs["window_size"] = (arch.sliding_window - 1, 0)
@@ -179,7 +203,8 @@ def stage_state_dict(model) -> dict[str, Tensor]:
             if not k.endswith("_extra_state") and isinstance(v, Tensor)}
 
 
-def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int) -> None:
+def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int,
+                                 layers_per_stage: Optional[Sequence[int]]) -> None:
     """Tag each parameter as TP-sharded or replicated.
 
     megatron-core only sets ``tensor_model_parallel`` while initialising weights;
@@ -195,7 +220,7 @@ def _mark_tensor_parallel_params(model, arch: ModelArch, pp: int, pp_rank: int) 
     from fg_megatron.models import sharding
 
     for name, param in model.named_parameters():
-        kind = sharding.shard_kind(sharding.full_name(local_param_name(name), arch, pp, pp_rank))
+        kind = sharding.shard_kind(sharding.full_name(local_param_name(name), arch, pp, pp_rank, layers_per_stage))
         if kind == "rep":
             set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         else:
@@ -224,18 +249,31 @@ def _replace_output_layer_with_value_head(model, arch: ModelArch, dtype: torch.d
         model.value_head.weight.zero_()
 
 
+def _check_layer_numbers(model, arch: ModelArch, pp: int, pp_rank: int,
+                         layers_per_stage: Optional[Sequence[int]]) -> None:
+    """The layers megatron-core built on this stage are the ones the checkpoint maps here
+    (its ``layer_number`` is the 1-based model-wide index)."""
+    from fg_megatron.models import sharding
+
+    built = [layer.layer_number - 1 for layer in model.decoder.layers]
+    expected = list(sharding.layers_of_stage(arch.num_layers, pp, pp_rank, layers_per_stage))
+    assert built == expected, f"stage {pp_rank}: megatron-core built layers {built}, the checkpoint maps {expected}"
+
+
 def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
                     dtype: torch.dtype = torch.float32,
                     vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE,
                     use_te: Optional[bool] = None, recompute: bool = False,
-                    perform_initialization: bool = False):
+                    perform_initialization: bool = False, layers_per_stage: Optional[Sequence[int]] = None):
     """This rank's pipeline stage of the model, on this process's device.
 
     Weights are left uninitialised unless ``perform_initialization``: callers load
-    a checkpoint right after.
+    a checkpoint right after.  ``layers_per_stage`` None is the default split of
+    :func:`~fg_megatron.parallel.stage_layer_counts`.  ``pp_rank`` must be this process's
+    rank in megatron-core's pipeline group (an uneven split's layout reads it from there).
     """
-    config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype,
-                                perform_initialization=perform_initialization, recompute=recompute)
+    config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, perform_initialization=perform_initialization,
+                                recompute=recompute, layers_per_stage=layers_per_stage)
     value = arch.head == VALUE_HEAD
     model_cls = _gpt_model_class()
     model = model_cls(
@@ -254,9 +292,10 @@ def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
         seq_len_interpolation_factor=None,
     )
     model.real_vocab_size = arch.vocab_size
+    _check_layer_numbers(model, arch, pp, pp_rank, layers_per_stage)
     if value and model.post_process:
         _replace_output_layer_with_value_head(model, arch, dtype)
-    _mark_tensor_parallel_params(model, arch, pp, pp_rank)
+    _mark_tensor_parallel_params(model, arch, pp, pp_rank, layers_per_stage)
     # megatron-core hard-codes llama3's constants and ignores other rope types;
     # use the checkpoint's own parameters.
     model.rotary_pos_emb.inv_freq = rope_inv_freq(arch).to(platform.default_device())

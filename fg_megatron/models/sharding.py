@@ -2,11 +2,14 @@
 
 All families share megatron-core's local-spec names, so one rule table serves
 them all.  Full names use the model-wide layer index; stage names use the
-index within the pipeline stage, as the stage's ``state_dict`` does.
+index within the pipeline stage, as the stage's ``state_dict`` does.  Which
+layers a stage holds comes from :func:`fg_megatron.parallel.stage_layer_counts`
+(an explicit per-stage list, or its default rule).
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Optional, Sequence
 
@@ -14,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fg_megatron.models.arch import ModelArch
+from fg_megatron.parallel import stage_layer_counts, stage_layer_offsets
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 
@@ -90,12 +94,17 @@ def merge(name: str, shards: Sequence[Tensor], vocab_size: Optional[int] = None)
     return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
 
 
-def layers_of_stage(num_layers: int, pp: int, pp_rank: int) -> range:
-    per = num_layers // pp
-    return range(pp_rank * per, (pp_rank + 1) * per)
+def layers_of_stage(num_layers: int, pp: int, pp_rank: int,
+                    layers_per_stage: Optional[Sequence[int]] = None) -> range:
+    """Model-wide indices of the layers stage ``pp_rank`` holds (``layers_per_stage`` None:
+    the default split of :func:`~fg_megatron.parallel.stage_layer_counts`)."""
+    counts = stage_layer_counts(num_layers, pp, layers_per_stage)
+    start = stage_layer_offsets(counts)[pp_rank]
+    return range(start, start + counts[pp_rank])
 
 
-def stage_of(name: str, arch: ModelArch, pp: int) -> list[tuple[int, str]]:
+def stage_of(name: str, arch: ModelArch, pp: int,
+             layers_per_stage: Optional[Sequence[int]] = None) -> list[tuple[int, str]]:
     """[(pp_rank, stage-local name)] where a full tensor is stored.
 
     A tied output layer under PP lives on the last stage as ``output_layer.weight``
@@ -104,8 +113,11 @@ def stage_of(name: str, arch: ModelArch, pp: int) -> list[tuple[int, str]]:
     m = _LAYER.match(name)
     if m:
         layer = int(m.group(1))
-        per = arch.num_layers // pp
-        return [(layer // per, f"decoder.layers.{layer % per}.{m.group(2)}")]
+        offsets = stage_layer_offsets(stage_layer_counts(arch.num_layers, pp, layers_per_stage))
+        if not 0 <= layer < arch.num_layers:
+            raise KeyError(f"tensor {name!r}: the model has {arch.num_layers} layers")
+        stage = bisect.bisect_right(offsets, layer) - 1
+        return [(stage, f"decoder.layers.{layer - offsets[stage]}.{m.group(2)}")]
     if name == "embedding.word_embeddings.weight":
         places = [(0, name)]
         if arch.tie_word_embeddings and pp > 1:
@@ -116,11 +128,13 @@ def stage_of(name: str, arch: ModelArch, pp: int) -> list[tuple[int, str]]:
     raise KeyError(f"no stage rule for tensor {name!r}")
 
 
-def full_name(stage_name: str, arch: ModelArch, pp: int, pp_rank: int) -> str:
+def full_name(stage_name: str, arch: ModelArch, pp: int, pp_rank: int,
+              layers_per_stage: Optional[Sequence[int]] = None) -> str:
     """Inverse of :func:`stage_of` for a stage-local name (tied copies map to the embedding)."""
     m = _LAYER.match(stage_name)
     if m:
-        return f"decoder.layers.{int(m.group(1)) + pp_rank * (arch.num_layers // pp)}.{m.group(2)}"
+        start = layers_of_stage(arch.num_layers, pp, pp_rank, layers_per_stage).start
+        return f"decoder.layers.{int(m.group(1)) + start}.{m.group(2)}"
     if stage_name == "output_layer.weight" and arch.tie_word_embeddings:
         return "embedding.word_embeddings.weight"
     return stage_name

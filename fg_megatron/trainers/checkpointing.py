@@ -253,6 +253,10 @@ def _load_part(part: ModelPart, where: Path) -> None:
     engine = part.engine
     ctx = engine.ctx
     ckpt = FgCheckpoint(where / "model")
+    if ckpt.meta.stage_counts != part.meta.stage_counts:
+        raise CheckpointMismatchError(
+            f"{where / 'model'}: saved with layers per stage {ckpt.meta.stage_counts}, the {part.name} model of "
+            f"this run has {part.meta.stage_counts}; resume with the same parallel.layers_per_stage")
     names = ckpt.stage_names(ctx.tp_rank, ctx.pp_rank)
     load_stage_state(part.module, ((n, ckpt.stage_tensor(ctx.tp_rank, ctx.pp_rank, n)) for n in names),
                      str(where / "model"))

@@ -178,7 +178,8 @@ def setup_run(cfg: Any) -> Run:
     resume.check_allow_change(cfg)
     rundir.check_writable(Path(cfg.train.save))
     ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
-                              timeout_minutes=cfg.parallel.timeout_minutes)
+                              timeout_minutes=cfg.parallel.timeout_minutes,
+                              layers_per_stage=cfg.parallel.layers_per_stage)
     if cfg.train.global_batch_size % (ctx.dp * cfg.train.micro_batch_size):
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of "
                           f"data-parallel size {ctx.dp} x train.micro_batch_size={cfg.train.micro_batch_size}")

@@ -2,8 +2,9 @@
 
 torchrun --nproc-per-node N tests/dist/checkpoint_load.py --plan plan.json --out result.json
 
-plan.json: a list of phases, each {"tp": T, "pp": P, "load": [{"name": str, "path": str,
-"save": str or null}], "refuse": [str]}, run one after the other (T x P = N).
+plan.json: a list of phases, each {"tp": T, "pp": P, "layers_per_stage": [int] (optional),
+"load": [{"name": str, "path": str, "save": str or null}], "refuse": [str]}, run one after
+the other (T x P = N).
 For each "load" entry the model is loaded from ``path`` (HF dir or fg checkpoint),
 its logits on fixed ids are written to ``<out dir>/<name>.safetensors`` and, if
 "save" is set, it is saved there with save_model.  Each "refuse" path must fail
@@ -32,7 +33,7 @@ out_dir = Path(args.out).parent
 
 result = {"refused": {}}
 for phase in phases:
-    ctx = parallel.initialize(phase["tp"], phase["pp"], seed=1)
+    ctx = parallel.initialize(phase["tp"], phase["pp"], seed=1, layers_per_stage=phase.get("layers_per_stage"))
     for entry in phase["load"]:
         model, arch, meta = load_model(entry["path"], ctx, dtype=torch.float32)
         model.eval()

@@ -1,6 +1,7 @@
 """Greedy and sampled generation at TP=2, PP=2 and TP=1 (DP=2) from one HF directory.
 
 torchrun --nproc-per-node 2 tests/dist/generation_parity.py --load DIR --prompts P.json --eos E --out result.json
+    [--layouts tp2,pp2,tp1]
 
 For each layout: greedy ids for the whole left-padded batch with and without the
 KV cache (each backend), greedy ids of each prompt alone, and sampled ids for two seeds.
@@ -20,12 +21,15 @@ p.add_argument("--prompts", required=True)
 p.add_argument("--eos", type=int, required=True)
 p.add_argument("--max-new-tokens", type=int, default=12)
 p.add_argument("--out", required=True)
+p.add_argument("--layouts", default="tp2,pp2,tp1", help="a subset of tp2,pp2,tp1")
 args = p.parse_args()
 prompts = json.load(open(args.prompts))
 common = dict(eos_ids=[args.eos], pad_id=0, max_new_tokens=args.max_new_tokens)
 sample = SamplingParams(temperature=0.9, top_p=0.95, top_k=50)
 results = {}
-for name, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("tp1", 1, 1)):
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp1": (1, 1)}
+for name in args.layouts.split(","):
+    tp, pp = LAYOUTS[name]
     ctx = parallel.initialize(tp, pp, seed=1)
     model, _, _ = load_model(args.load, ctx)
     model.eval()

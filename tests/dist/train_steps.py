@@ -2,6 +2,7 @@
 updated full weights so layouts can be compared.
 
 torchrun --nproc-per-node N tests/dist/train_steps.py --tp T --pp P --variant V --out r.json --weights DIR
+    [--num-layers L] [--layers-per-stage 2,1]
 """
 
 import argparse
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from fg_megatron import parallel
 from fg_megatron.checkpoint.mapping import megatron_from_hf, stage_shards
 from fg_megatron.config import OptimConfig
+from fg_megatron.config.cli import layers_per_stage_arg
 from fg_megatron.logprobs import token_logprobs
 from fg_megatron.models import arch_from_hf_config, family_module, sharding
 from fg_megatron.models.gpt import build_gpt_model, padded_vocab_size
@@ -30,16 +32,19 @@ p.add_argument("--impl", default="megatron")
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--out", required=True)
 p.add_argument("--weights", required=True)
+p.add_argument("--num-layers", type=int, default=None, help="layers instead of the variant's 2")
+p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None)
 args = p.parse_args()
 
 ctx = parallel.initialize(args.tp, args.pp, seed=1)
-hf = hf_model(args.variant)
+hf = hf_model(args.variant, num_layers=args.num_layers)
 arch = arch_from_hf_config(hf.config.to_dict())
 adapter = family_module(arch.family).state_dict_adapter(arch)
-model = build_gpt_model(arch, tp=args.tp, pp=args.pp, pp_rank=ctx.pp_rank)
+split = args.layers_per_stage
+model = build_gpt_model(arch, tp=args.tp, pp=args.pp, pp_rank=ctx.pp_rank, layers_per_stage=split)
 shards = dict(stage_shards(megatron_from_hf(adapter, hf.state_dict().get), adapter, tp=args.tp,
                            tp_rank=ctx.tp_rank, pp=args.pp, pp_rank=ctx.pp_rank,
-                           padded_vocab=padded_vocab_size(arch.vocab_size, args.tp)))
+                           padded_vocab=padded_vocab_size(arch.vocab_size, args.tp), layers_per_stage=split))
 model.load_state_dict(shards, strict=False)
 engine = build_engine(model, ctx, OptimConfig(lr=1e-3, weight_decay=0.1, warmup_steps=0, clip_grad=1.0, adam_eps=1e-6),
                       total_steps=args.steps)
@@ -85,7 +90,7 @@ for name, param in engine.module.state_dict().items():
         continue
     pieces = [torch.empty_like(param) for _ in range(ctx.tp)]
     dist.all_gather(pieces, param.contiguous(), group=ctx.tp_group)
-    fname = sharding.full_name(name, arch, args.pp, ctx.pp_rank)
+    fname = sharding.full_name(name, arch, args.pp, ctx.pp_rank, split)
     if ctx.pp_rank == args.pp - 1 and name == "output_layer.weight" and arch.tie_word_embeddings:
         fname = "tied_output_copy"
         full[fname] = sharding.merge("output_layer.weight", pieces, vocab_size=arch.vocab_size)
