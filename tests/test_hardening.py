@@ -119,6 +119,13 @@ def test_resume_verifies_checksums(base_run, tmp_path):
     bad = subprocess.run([sys.executable, str(CONVERT), "verify", "--ckpt", str(run)], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and "optim_tp00_pp00.safetensors: sha256" in bad.stderr
+    # a model loaded from a training checkpoint (here by a new run) is checked against the step's manifest
+    shard = run / "checkpoints/step_000001/model/model_tp00_pp00.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data))
+    line = _one_line_error(_train(tmp_path / "new", "--steps", "1", "--load", shard.parent, check=False))
+    assert f"{shard}: sha256" in line
     # the manifest is coreutils' format
     if shutil.which("sha256sum"):
         check = subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=run / "checkpoints/step_000002")

@@ -8,8 +8,10 @@ It is written last, before the checkpoint is renamed into place: a checkpoint
 with a manifest is complete.
 
 Loading verifies against the nearest manifest that lists the files being read
-(a model loaded from ``step_N/model`` is checked against ``step_N/SHA256SUMS``);
-a file whose digest differs is a :class:`ChecksumMismatchError` naming it.
+(``--resume`` checks the whole ``step_N``; a model loaded from ``step_N/model``,
+by a trainer, ``score.py`` or ``generate.py``, is checked against
+``step_N/SHA256SUMS``); a file whose digest differs, or that is missing, is a
+:class:`ChecksumMismatchError` naming it.
 ``tools/convert_checkpoint.py verify --ckpt DIR`` checks a whole checkpoint.
 """
 
@@ -95,6 +97,23 @@ def verify_files(manifest: Path, names: Iterable[str]) -> None:
         if actual != entries[name]:
             raise ChecksumMismatchError(f"{target}: sha256 {actual[:12]}... does not match {entries[name][:12]}... "
                                         f"recorded in {manifest}: the file changed or is corrupt")
+
+
+def check_share(path: Path, rank: int = 0, world_size: int = 1) -> Optional[str]:
+    """Verify rank ``rank``'s share (every ``world_size``-th file) of the files of checkpoint
+    ``path`` that a manifest lists; return the first problem as one line, or None (also when
+    no manifest covers ``path``).  Ranks call it together and agree on the result
+    (:func:`fg_megatron.parallel.first_error`), so each file is hashed once."""
+    found = find_manifest(path)
+    if found is None:
+        return None
+    manifest, prefix = found
+    try:
+        names = sorted(n for n in read_manifest(manifest) if not prefix or n.startswith(prefix + "/"))
+        verify_files(manifest, names[rank::world_size])
+    except ChecksumMismatchError as exc:
+        return str(exc)
+    return None
 
 
 def verify_tree(root: Path) -> tuple[Path, int]:

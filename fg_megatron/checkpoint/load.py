@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fg_megatron.checkpoint import integrity
 from fg_megatron.checkpoint.atomic import check_output_dir, commit_dir, temp_dir_for
 from fg_megatron.checkpoint.convert import check_hf_tensors, family_of
 from fg_megatron.checkpoint.hf import copy_side_files, open_hf_weights, read_hf_config
@@ -42,7 +43,7 @@ from fg_megatron.models import sharding
 from fg_megatron.models.arch import ModelArch
 from fg_megatron.models.gpt import (DEFAULT_VOCAB_PAD_MULTIPLE, build_gpt_model, padded_vocab_size,
                                    stage_state_dict)
-from fg_megatron.parallel import ParallelContext, stage_layer_counts, validate_layout
+from fg_megatron.parallel import ParallelContext, first_error, stage_layer_counts, validate_layout
 
 
 def _hf_stage_tensors(path: Path, ctx: ParallelContext, *, vocab_pad_multiple: int, expect_family: Optional[str],
@@ -148,6 +149,10 @@ def load_model(path: Path | str, ctx: ParallelContext, *, dtype: Optional[torch.
     """
     path = Path(path)
     if is_fg_checkpoint(path):
+        # A model saved by a training run (step_N/model) is covered by that step's SHA256SUMS.
+        problem = first_error(integrity.check_share(path, ctx.rank, ctx.world_size))
+        if problem is not None:
+            raise integrity.ChecksumMismatchError(problem)
         arch, meta, tensors = _fg_stage_tensors(path, ctx, vocab_pad_multiple=vocab_pad_multiple,
                                                 expect_family=family, head=head)
     elif (path / "config.json").is_file():

@@ -201,22 +201,11 @@ def _write_checksums(step_dir: Path, ctx) -> None:
 def verify_checkpoint(path: Path, ctx) -> None:
     """Check every file of checkpoint ``path`` against its manifest (the ranks share the work);
     a checkpoint saved before checksums existed is loaded with a warning."""
-    manifest = Path(path) / integrity.MANIFEST
-    if not manifest.is_file():
+    if not (Path(path) / integrity.MANIFEST).is_file():
         log.warning("%s has no %s (saved by an older version): its files are not verified", path,
                     integrity.MANIFEST)
         return
-    message = None
-    try:
-        names = sorted(integrity.read_manifest(manifest))
-        present = {p.relative_to(path).as_posix() for p in integrity.files_under(path)}
-        missing = sorted(set(names) - present)
-        if missing:
-            raise integrity.ChecksumMismatchError(f"{Path(path) / missing[0]}: listed in {manifest} but missing")
-        integrity.verify_files(manifest, _split_over_ranks(names, ctx))
-    except integrity.ChecksumMismatchError as exc:
-        message = str(exc)
-    message = first_error(message)
+    message = first_error(integrity.check_share(Path(path), ctx.rank, ctx.world_size))
     if message is not None:
         raise integrity.ChecksumMismatchError(message)
 
