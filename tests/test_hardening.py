@@ -154,6 +154,7 @@ def test_locked_save_dir_is_refused_and_stale_lock_taken_over(tmp_path):
     from fg_megatron.trainers.rundir import LOCK_FILE, RunLock
 
     save = tmp_path / "locked"
+    save.mkdir()
     held = RunLock.acquire(save)  # this (live) process holds it
     line = _one_line_error(_train(save, "--steps", "1", check=False))
     assert f"train.save={save} is in use by pid {os.getpid()}" in line
@@ -165,6 +166,10 @@ def test_locked_save_dir_is_refused_and_stale_lock_taken_over(tmp_path):
                                               "since": "earlier"}))
     _train(save, "--steps", "1")
     assert not (save / LOCK_FILE).exists()  # released at the end
+    # a run that fails before writing anything leaves no directory behind
+    _one_line_error(_train(tmp_path / "never", "--steps", "1", "--set", "dpo.gama=1", check=False))
+    _one_line_error(_train(tmp_path / "never", "--steps", "1", "--data", tmp_path, check=False))
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("kind", ["file", "under_file"])

@@ -69,13 +69,15 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    def __init__(self, path: Path, owner: dict) -> None:
+    def __init__(self, path: Path, owner: dict, created: bool = False) -> None:
         self.path = path
         self.owner = owner
+        self.created = created  # the run made the directory: a run that wrote nothing leaves none
 
     @classmethod
     def acquire(cls, save: Path) -> "RunLock":
         save = Path(save)
+        created = not save.exists()
         save.mkdir(parents=True, exist_ok=True)
         path = save / LOCK_FILE
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid()),
@@ -94,7 +96,7 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(owner, f)
-            return cls(path, owner)
+            return cls(path, owner, created)
         raise RunDirectoryError(f"train.save={save}: could not take {path}")
 
     @staticmethod
@@ -117,6 +119,8 @@ class RunLock:
     def release(self) -> None:
         if self._holder(self.path).get("pid") == self.owner["pid"]:
             self.path.unlink(missing_ok=True)
+            if self.created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
 
 
 def earlier_output(save: Path) -> list[str]:
