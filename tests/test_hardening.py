@@ -257,9 +257,12 @@ def test_guard_rules():
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     save = tmp_path / "int"
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *BASE, "--save", str(save), "--steps", "40",
+    # SIG_DFL: a shell's background job (nohup ... &) would pass SIGINT on ignored, and Python then
+    # installs no KeyboardInterrupt handler
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *BASE, "--save", str(save), "--steps", "400",
                              "--save-every", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)
+                            cwd=ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (save / "metrics.jsonl").exists() and len(read_metrics(save)) >= 3:
