@@ -40,6 +40,9 @@ def test_defaults_are_the_papers():
     ("dpo.beta=0", "dpo.beta must be > 0"),
     ("dpo.gamma=-1", "dpo.gamma must be >= 0"),
     ("data.max_prompt_length=0", "data.max_prompt_length and data.max_response_length must be >= 1"),
+    ("data.max_length=1", "data.max_length must be >= 2 (one prompt and one response token) or null"),
+    ("data.truncation_mode=left", "data.truncation_mode: 'left' is not one of ['keep_end', 'keep_start']"),
+    ("data.on_truncation=skip", "data.on_truncation: 'skip' is not one of ['warn', 'drop', 'error']"),
     ("model.vocab_pad_multiple=0", "model.vocab_pad_multiple must be >= 1"),
     ("optim.min_lr=1", "0 <= min_lr <= lr"),
     # NaN compares false with every bound, so range checks alone would let these through

@@ -119,7 +119,9 @@ def test_prompt_shapes(tok):
                                       ("ultrafeedback.jsonl", "ultrafeedback"), ("tldr.jsonl", "tldr"),
                                       ("cvalues.jsonl", "cvalues"), ("sft.jsonl", "sft"),
                                       ("sft_messages.jsonl", "sft"), ("sft_ids.jsonl", "sft"),
-                                      ("prompts.jsonl", "prompts")])
+                                      ("prompts.jsonl", "prompts"), ("trl_conversational.jsonl", "ultrafeedback"),
+                                      ("trl_implicit_prompt.jsonl", "ultrafeedback"),
+                                      ("trl_prompt_completion.jsonl", "sft")])
 def test_detection(name, fmt):
     assert detect_format(_rows(name)[0]) == fmt
 
@@ -152,6 +154,81 @@ def test_parquet_without_pyarrow_says_so(tmp_path, monkeypatch):
                               f"or convert the file to JSONL")
 
 
+# ---------------------------------------------------------------- TRL's conversational shapes, token for token
+
+def _template_ids(tok, messages, generation_prompt: bool) -> list[int]:
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def _check_trl_ids(tok, prompt_msgs, response_msgs, prompt_ids, response_ids):
+    """As TRL: prompt = the template with the generation prompt; response = the rest of the
+    whole conversation's template (which here ends with EOS)."""
+    want_prompt = _template_ids(tok, prompt_msgs, True)
+    full = _template_ids(tok, prompt_msgs + response_msgs, False)
+    assert list(prompt_ids) == want_prompt
+    assert full[: len(want_prompt)] == want_prompt
+    assert list(response_ids) == full[len(want_prompt):]
+    assert response_ids[-1] == tok.eos_token_id
+
+
+def test_trl_conversational_explicit_prompt(tok):
+    """TRL's {"prompt": [messages], "chosen": [assistant], "rejected": [assistant]} (it used to be
+    refused with "no prompt turn before the assistant's response")."""
+    rows = _rows("trl_conversational.jsonl")
+    recs = load_preference_records(FIX / "trl_conversational.jsonl", tokenizer=tok)
+    assert [r.id for r in recs] == ["trl_conversational.jsonl:1", "conv-2", "trl_conversational.jsonl:3"]
+    assert recs[1].meta == {"score_chosen": 9.0}
+    assert recs[0].prompt == "<|bos|><|user|>\nWhat color is the sky on a clear day?\n<|assistant|>\n"
+    assert (recs[0].chosen, recs[0].rejected) == ("It is blue.", "It is green.")
+    ds = PreferenceDataset(recs, tok, 192, 64)
+    for row, item in zip(rows, ds.items):
+        _check_trl_ids(tok, row["prompt"], row["chosen"], item.prompt_ids, item.chosen_ids)
+        _check_trl_ids(tok, row["prompt"], row["rejected"], item.prompt_ids, item.rejected_ids)
+
+
+def test_trl_conversational_implicit_prompt(tok):
+    """TRL's implicit prompt: chosen/rejected are whole conversations sharing every turn but the last."""
+    rows = _rows("trl_implicit_prompt.jsonl")
+    ds = PreferenceDataset.from_file(FIX / "trl_implicit_prompt.jsonl", tok, 192, 64)
+    assert ds.format == "ultrafeedback"
+    explicit = PreferenceDataset.from_file(FIX / "trl_conversational.jsonl", tok, 192, 64)
+    assert [(a.prompt_ids, a.chosen_ids, a.rejected_ids) for a in ds.items] == \
+        [(b.prompt_ids, b.chosen_ids, b.rejected_ids) for b in explicit.items[:2]]
+    for row, item in zip(rows, ds.items):
+        _check_trl_ids(tok, row["chosen"][:-1], row["chosen"][-1:], item.prompt_ids, item.chosen_ids)
+        _check_trl_ids(tok, row["rejected"][:-1], row["rejected"][-1:], item.prompt_ids, item.rejected_ids)
+
+
+def test_trl_messages_and_prompt_completion_sft(tok):
+    from fg_megatron.data import SFTDataset
+
+    rows = _rows("sft_messages.jsonl")
+    ds = SFTDataset.from_file(FIX / "sft_messages.jsonl", tok, 192, 64)
+    for row, item in zip(rows, ds.items):
+        _check_trl_ids(tok, row["messages"][:-1], row["messages"][-1:], item.prompt_ids, item.response_ids)
+    rows = _rows("trl_prompt_completion.jsonl")
+    ds = SFTDataset.from_file(FIX / "trl_prompt_completion.jsonl", tok, 192, 64)
+    _check_trl_ids(tok, rows[0]["prompt"], rows[0]["completion"], ds[0].prompt_ids, ds[0].response_ids)
+    assert ds.records[1].prompt == "The capital of France is" and ds.records[1].response == " Paris."
+    # prompts for generation from a conversational preference file: the rendered prompt
+    assert load_prompt_records(FIX / "trl_conversational.jsonl", tokenizer=tok)[0].prompt == \
+        "<|bos|><|user|>\nWhat color is the sky on a clear day?\n<|assistant|>\n"
+
+
+def test_template_response_is_the_rest_of_the_rendering(tmp_path, tok):
+    """A template that closes a turn with more than EOS (ChatML-like): the response is everything
+    the whole conversation adds after the prompt's rendering, as TRL takes it."""
+    import copy
+
+    chatml = copy.copy(tok)
+    chatml.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    [rec] = load_preference_records(FIX / "trl_conversational.jsonl", tokenizer=chatml)[:1]
+    assert rec.prompt == "<|user|>\nWhat color is the sky on a clear day?<|eos|>\n<|assistant|>\n"
+    assert rec.chosen == "It is blue.<|eos|>\n"  # EOS is appended after it by tokenisation, as TRL does
+
+
 # ---------------------------------------------------------------- one-line errors
 
 GOOD_GENERIC = '{"prompt": "p", "chosen": "a", "rejected": "b"}'
@@ -166,6 +243,15 @@ GOOD_SFT = json.dumps({"prompt": "p", "response": "r"})
 def _uf(chosen, rejected=None):
     return json.dumps({"prompt": "hi", "chosen": chosen, "rejected": rejected if rejected is not None else
                        UF_OK[:1] + [{"role": "assistant", "content": "no"}]})
+
+
+GOOD_CONV = json.dumps({"prompt": UF_OK[:1], "chosen": UF_OK[1:], "rejected": [{"role": "assistant", "content": "no"}]})
+
+
+def _conv(chosen, rejected=None):
+    """TRL's explicit-prompt conversational row."""
+    return json.dumps({"prompt": UF_OK[:1], "chosen": chosen,
+                       "rejected": rejected if rejected is not None else [{"role": "assistant", "content": "no"}]})
 
 
 def _tldr(**kw):
@@ -212,6 +298,12 @@ CASES = {
                           "(a pair must share its prompt)"),
     "uf_empty_answer": (GOOD_UF, _uf([UF_OK[0], {"role": "assistant", "content": " "}]),
                         "field 'chosen[1].content': empty response"),
+    "conv_response_not_assistant": (GOOD_CONV, _conv([{"role": "user", "content": "more?"}]),
+                                    "field 'chosen': the last message must be the assistant's response (got role 'user')"),
+    "conv_prompt_type": (GOOD_CONV, json.dumps({"prompt": ["hi"], "chosen": UF_OK[1:], "rejected": UF_OK[1:]}),
+                         "field 'prompt[0]': expected a message object {role, content}, got string"),
+    "conv_identical": (GOOD_CONV, _conv(UF_OK[1:], UF_OK[1:]),
+                       "field 'rejected': identical to the chosen response (a pair needs two different responses)"),
     "tldr_choice_range": (GOOD_TLDR, _tldr(choice=2), "field 'choice': 2 is out of range for 2 summaries (0 or 1)"),
     "tldr_choice_type": (GOOD_TLDR, _tldr(choice="0"), "field 'choice': expected an integer index into 'summaries', got string"),
     "tldr_no_post": (GOOD_TLDR, _tldr(info={"title": "t"}), "field 'info.post': missing (the row has: title)"),

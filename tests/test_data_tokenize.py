@@ -159,3 +159,99 @@ def test_prompts_left_padded_for_generation(wt):
     assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
     assert collate_prompts([(1, 4, 5), (1, 6)], 0, side="right")["input_ids"].tolist() == [[1, 4, 5], [1, 6, 0]]
     assert decode_response(wt, [9, 10, 2, 11]) == "x y"
+
+
+# ---------------------------------------------------------------- max_length / truncation_mode / on_truncation
+
+def test_max_length_keep_end_cuts_the_prompt_from_the_left(wt):
+    """TRL's DPOConfig.max_length (prompt + response) with truncation_mode=keep_end: the sequence
+    keeps its end, so the prompt loses its start (after BOS) and the response stays whole."""
+    ex = tokenize_example(wt, "a b c d", "x y z", 8, 8, max_length=6)
+    assert (ex.prompt_ids, ex.response_ids) == ((1, 7), (9, 10, 11, 2))
+    assert (ex.prompt_truncated, ex.response_truncated, ex.full_lengths) == (True, False, (5, 4))
+    # the response alone leaves no room for a prompt token: it is cut too (BOS + one prompt token kept)
+    ex = tokenize_example(wt, "a b c d", "x y z", 8, 8, max_length=4)
+    assert (ex.prompt_ids, ex.response_ids, ex.response_truncated) == ((1, 7), (9, 10), True)
+    # under the limit: untouched, as without max_length
+    assert tokenize_example(wt, "a b", "x", 8, 8, max_length=5) == tokenize_example(wt, "a b", "x", 8, 8)
+
+
+def test_max_length_keep_start_cuts_the_response_on_the_right(wt):
+    ex = tokenize_example(wt, "a b", "x y z", 8, 8, max_length=6, truncation_mode="keep_start")
+    assert (ex.prompt_ids, ex.response_ids, ex.prompt_truncated, ex.response_truncated) == \
+        ((1, 4, 5), (9, 10, 11), False, True)  # lost its EOS
+    # the prompt alone fills max_length: it yields (from the left) room for one response token
+    ex = tokenize_example(wt, "a b c d e", "x y", 8, 8, max_length=4, truncation_mode="keep_start")
+    assert (ex.prompt_ids, ex.response_ids) == ((1, 7, 8), (9,))
+    with pytest.raises(ValueError, match="truncation_mode must be one of keep_end, keep_start"):
+        tokenize_example(wt, "a b c", "x y", 8, 8, max_length=3, truncation_mode="left")
+
+
+def test_pair_max_length_is_sized_by_the_longer_response(wt):
+    rec = PreferenceRecord("r1", "a b c d", "x y z", "x", "f.jsonl:7")
+    pair = tokenize_pair(wt, rec, 8, 8, max_length=6)  # keep_end: one shared prompt cut for both rows
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == ((1, 7), (9, 10, 11, 2), (9, 2))
+    assert (pair.prompt_truncated, pair.chosen_truncated, pair.rejected_truncated) == (True, False, False)
+    assert pair.full_lengths == (5, 4, 2)
+    pair = tokenize_pair(wt, rec, 8, 8, max_length=7, truncation_mode="keep_start")
+    assert (pair.chosen_ids, pair.rejected_ids, pair.chosen_truncated, pair.rejected_truncated) == \
+        ((9, 10), (9, 2), True, False)  # only chosen lost its EOS
+    with pytest.raises(DataFormatError, match=r"^f\.jsonl:7: field 'rejected': chosen and rejected are identical after "
+                                              r"truncation to max_response_length=8, max_length=6; "):
+        tokenize_pair(wt, rec, 8, 8, max_length=6, truncation_mode="keep_start")
+
+
+TRUNC_ROWS = [PreferenceRecord("ok", "a b", "x y", "x z", "t.jsonl:1"),
+              PreferenceRecord("long_prompt", "a b c d e", "x", "y", "t.jsonl:2"),
+              PreferenceRecord("one_eos", "a", "x y z", "x", "t.jsonl:3"),
+              PreferenceRecord("both_eos", "a", "x y z", "y z x", "t.jsonl:4")]
+
+
+def test_on_truncation_warn_counts_and_says_how(wt):
+    from fg_megatron.data import PreferenceDataset
+
+    ds = PreferenceDataset(TRUNC_ROWS, wt, 4, 3)  # the default: warn, keep every row
+    s = ds.summary()
+    assert (s["samples"], s["truncated"], s["prompts_truncated"], s["pairs_missing_eos"], s["pairs_one_missing_eos"]) \
+        == (4, 3, 1, 2, 1)
+    assert s["length_percentiles"] == {"prompt": "2/6/6/6", "chosen": "3/4/4/4", "rejected": "2/4/4/4"}
+    logged = []
+
+    class Log:
+        def info(self, fmt, line):
+            logged.append(("info", line))
+
+        def warning(self, fmt, line):
+            logged.append(("warning", line))
+
+    ds.log_summary(Log())
+    assert logged[0] == ("info", "data t.jsonl: 4 pairs, records given directly")
+    assert logged[1] == ("info", "  tokens before truncation p50/p90/p99/max: prompt 2/6/6/6, chosen 3/4/4/4, "
+                                 "rejected 2/4/4/4")
+    assert logged[2] == ("warning", "  WARNING: 3 of 4 pairs truncated by max_prompt_length=4, max_response_length=3: "
+                                    "1 prompts cut from the left (keep their end); 2 pairs with a response cut on the "
+                                    "right (lost its EOS; in 1 only one of the two, compared with a complete one) "
+                                    "(data.on_truncation=drop drops them, =error refuses them)")
+
+
+def test_on_truncation_drop_and_error(wt):
+    from fg_megatron.data import PreferenceDataset, SFTDataset
+
+    ds = PreferenceDataset(TRUNC_ROWS, wt, 4, 3, on_truncation="drop")
+    assert [r.id for r in ds.records] == ["ok"] and len(ds.items) == 1 and ds.dropped == 3
+    assert ds.summary_lines()[0] == "data t.jsonl: 1 pairs (3 truncated ones dropped of 4), records given directly"
+    # a pair that truncation made identical is dropped too, not an error
+    rows = [PreferenceRecord("fine", "a", "x", "y", "t.jsonl:5"), PreferenceRecord("same", "a", "x y", "x y z", "t.jsonl:6")]
+    assert [r.id for r in PreferenceDataset(rows, wt, 4, 2, on_truncation="drop").records] == ["fine"]
+    with pytest.raises(DataFormatError, match="identical after truncation"):
+        PreferenceDataset(rows, wt, 4, 2)
+    with pytest.raises(DataFormatError) as err:
+        PreferenceDataset(TRUNC_ROWS, wt, 4, 3, on_truncation="error")
+    assert str(err.value) == ("t.jsonl:2: prompt cut from the left by max_prompt_length=4, max_response_length=3 "
+                              "(3 of 4 rows are truncated; data.on_truncation=error); raise the limits, or set "
+                              "data.on_truncation to warn or drop")
+    sft = [SFTRecord("a", "a b", "x", "s.jsonl:1"), SFTRecord("b", "a b", "x y z", "s.jsonl:2")]
+    with pytest.raises(DataFormatError, match=r"^s\.jsonl:2: response cut on the right \(no EOS\) by "
+                                              r"max_prompt_length=8, max_response_length=8, max_length=5 \(keep_start\)"):
+        SFTDataset(sft, wt, 8, 8, max_length=5, truncation_mode="keep_start", on_truncation="error")
+    assert [r.id for r in SFTDataset(sft, wt, 8, 8, max_length=5, on_truncation="drop").records] == ["a"]

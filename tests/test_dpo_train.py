@@ -24,11 +24,26 @@ def _run(save, nproc, *args, env=None, check=True):
     return torchrun(TRAIN, nproc, *BASE, "--save", save, *args, env=env, check=check)
 
 
+class _Run(list):
+    stderr = ""
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     save = tmp_path_factory.mktemp("dpo") / "tp1"
-    _run(save, 1, "--tp", "1")
-    return _metrics(save)
+    proc = _run(save, 1, "--tp", "1")
+    run = _Run(_metrics(save))
+    run.stderr = proc.stderr
+    return run
+
+
+def test_step0_data_summary_is_logged_before_training(reference_run):
+    """Rows, format, token-length percentiles and truncation counts, printed once before step 1."""
+    lines = [line for line in reference_run.stderr.splitlines() if line.startswith("[fg rank0] ")]
+    at = next(i for i, line in enumerate(lines) if " data " in line and "pref_train.jsonl: 3000 pairs, format generic" in line)
+    assert lines[at + 1].startswith("[fg rank0]   tokens before truncation p50/p90/p99/max: prompt ")
+    assert lines[at + 2].startswith("[fg rank0]   no pairs truncated by max_prompt_length=")
+    assert sum("tokens before truncation" in line for line in lines) == 1
 
 
 @pytest.mark.distributed
@@ -114,6 +129,18 @@ def test_malformed_row_is_one_line_error_before_training(tmp_path):
     bad.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": None}) + "\n")
     line = _cli_error(["--data", str(bad)], tmp_path)
     assert line.startswith("error: ") and "bad.jsonl:2" in line and "chosen" in line
+    assert not (tmp_path / "s/metrics.jsonl").exists()
+
+
+def test_truncated_row_with_on_truncation_error_is_one_line_error(tmp_path):
+    data = tmp_path / "long.jsonl"
+    rows = [{"prompt": "Q?", "chosen": " a", "rejected": " b"}] * 9
+    rows[3] = {"prompt": "a very long question " * 20, "chosen": " a", "rejected": " b"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = _cli_error(["--data", str(data), "--set", "data.max_prompt_length=16", "--set", "data.max_response_length=8",
+                       "--set", "data.on_truncation=error"], tmp_path)
+    assert line.startswith(f"error: {data}:4: prompt cut from the left by max_prompt_length=16, "
+                           f"max_response_length=8 (1 of 9 rows are truncated; data.on_truncation=error)"), line
     assert not (tmp_path / "s/metrics.jsonl").exists()
 
 

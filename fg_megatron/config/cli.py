@@ -36,7 +36,8 @@ COMMON_FLAGS = {
     "--layers-per-stage": ("parallel.layers_per_stage", dict(type=layers_per_stage_arg, metavar="N,N,...",
                                                              help=LAYERS_PER_STAGE_HELP)),
     "--load": ("model.load", dict(help="HF directory or fg checkpoint to start from")),
-    "--data": ("data.train", dict(help="training data file (JSONL or parquet)")),
+    "--data": ("data.train", dict(help="training data file (JSONL or parquet); accepted row shapes and the "
+                                       "truncation settings: README.md, section 'Data formats'")),
     "--save": ("train.save", dict(help="output directory (checkpoints, metrics.jsonl, tb/)")),
     "--steps": ("train.steps", dict(type=int, help="optimizer steps")),
     "--seed": ("train.seed", dict(type=int, help="random seed")),

@@ -61,16 +61,33 @@ class DataConfig:
     format: str = "auto"  # auto-detect from fields, or: generic, hh_rlhf, ultrafeedback, tldr, cvalues, sft, prompts
     max_prompt_length: int = 192  # prompts longer than this lose tokens from the left
     max_response_length: int = 64  # responses longer than this are cut on the right
+    # prompt + response limit (TRL's DPOConfig.max_length), applied after the two above; null: none
+    max_length: Optional[int] = None
+    # over max_length: keep_end cuts the prompt from the left, keep_start the response on the right (TRL's meaning)
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    on_truncation: Literal["warn", "drop", "error"] = "warn"  # truncated rows: count them / drop them / refuse
     shuffle: bool = True  # reshuffle each epoch (seeded by train.seed)
     chat_template: bool = False  # render plain-string prompts as a user turn with the tokenizer's chat template
     group_batches: int = 16  # sort samples by length within buffers of this many global batches (0: off)
     pad_multiple: int = 8  # micro-batch sequence length rounded up to a multiple of this (fewer shapes)
     eval: Optional[str] = None  # held-out file evaluated every train.eval_every steps (train_rm: eval_accuracy)
 
+    def truncation(self) -> dict:
+        """The datasets' truncation keywords (``PreferenceDataset.from_file(..., **data.truncation())``)."""
+        return {"max_length": self.max_length, "truncation_mode": self.truncation_mode,
+                "on_truncation": self.on_truncation}
+
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1 or self.max_response_length < 1:
             raise ConfigError(f"data.max_prompt_length and data.max_response_length must be >= 1 "
                               f"(got {self.max_prompt_length}, {self.max_response_length})")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"data.max_length must be >= 2 (one prompt and one response token) or null "
+                              f"(got {self.max_length})")
+        if self.truncation_mode not in ("keep_end", "keep_start"):
+            raise ConfigError(f"data.truncation_mode must be keep_end or keep_start (got {self.truncation_mode!r})")
+        if self.on_truncation not in ("warn", "drop", "error"):
+            raise ConfigError(f"data.on_truncation must be warn, drop or error (got {self.on_truncation!r})")
         if self.group_batches < 0 or self.pad_multiple < 1:
             raise ConfigError(f"data.group_batches must be >= 0 and data.pad_multiple >= 1 "
                               f"(got {self.group_batches}, {self.pad_multiple})")

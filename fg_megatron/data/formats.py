@@ -12,12 +12,15 @@ hh_rlhf         ``chosen``, ``rejected``: full ``\\n\\nHuman: ... \\n\\nAssistan
 ultrafeedback   ``chosen``, ``rejected``: message lists ``[{role, content}]`` ending in the
                 assistant's turn and sharing the turns before it; the prompt is those
                 turns rendered with the tokenizer's chat template (generation prompt
-                added), the responses the last turns' contents (EOS added later)
+                added), the responses the rest of the whole conversation's rendering (TRL's
+                implicit prompt; EOS added later); or TRL's explicit prompt: ``prompt`` a
+                message list, ``chosen``/``rejected`` the assistant's messages
 tldr            summarize-from-feedback comparisons: ``info.post`` (+ ``info.title``,
                 ``info.subreddit``), ``summaries: [{text}]`` (two), ``choice`` (index of
                 the preferred one); the prompt is ``SUBREDDIT/TITLE/POST ... TL;DR:``
 cvalues         CValues-Comparison: ``prompt``, ``pos_resp`` (chosen), ``neg_resp``
 sft             ``prompt`` + ``response``; or ``messages`` (chat, rendered as above);
+                or TRL's ``prompt`` + ``completion`` (strings, or message lists);
                 or pre-tokenised ``prompt_ids`` + ``response_ids`` (used as given)
 prompts         ``prompt`` (string, or a message list rendered with a generation prompt);
                 or pre-tokenised ``prompt_ids`` (used as given; a row's ``response_ids``,
@@ -61,7 +64,8 @@ def detect_format(row: dict) -> Optional[str]:
         if isinstance(row.get("chosen"), list) or isinstance(row.get("rejected"), list):
             return "ultrafeedback"
         return "generic" if "prompt" in row else "hh_rlhf"
-    if "prompt_ids" in row or "response_ids" in row or "response" in row or "messages" in row:
+    if ("prompt_ids" in row or "response_ids" in row or "response" in row or "messages" in row
+            or "completion" in row):
         return "sft"
     if "prompt" in row:
         return "prompts"
@@ -126,7 +130,7 @@ class _Row:
             raise self.error(f"{field}[{len(msgs) - 1}].content", "empty response")
         return msgs[:-1], content
 
-    def render(self, messages: list[dict], field: str) -> str:
+    def render(self, messages: list[dict], field: str, generation_prompt: bool = True) -> str:
         """The chat-template text of ``messages`` followed by the assistant's generation prompt."""
         tok = self.tokenizer
         if tok is None:
@@ -136,10 +140,37 @@ class _Row:
                                                    "and this tokenizer has none")
         msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
         try:
-            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
         except Exception as exc:  # templates raise their own errors (e.g. "roles must alternate")
             raise self.error(field, f"the tokenizer's chat template rejects this conversation: "
                                     f"{' '.join(str(exc).split())}") from None
+
+    def conversation(self, prompt: list[dict], response: list[dict], field: str) -> tuple[str, str]:
+        """(prompt text, response text) as TRL renders a conversation: the prompt turns with the
+        generation prompt, the response the rest of the whole conversation's rendering (a trailing
+        EOS left off: tokenisation appends it).  A template whose whole rendering does not start
+        with the prompt's falls back to the response turn's content."""
+        text = self.render(prompt, field)
+        full = self.render(prompt + response, field, generation_prompt=False)
+        eos = getattr(self.tokenizer, "eos_token", None)
+        if full.startswith(text):
+            rest = full[len(text):]
+            if eos and rest.endswith(eos):
+                rest = rest[: -len(eos)]
+        else:
+            rest = response[-1]["content"]
+        if not rest.strip():
+            raise self.error(f"{field}[{len(response) - 1}].content", "empty response")
+        return text, rest
+
+    def assistant_turns(self, field: str) -> list[dict]:
+        """A response given as its own message list (TRL's conversational format): the last turn is the assistant's."""
+        msgs = self.messages(field)
+        if msgs[-1]["role"] != "assistant":
+            raise self.error(field, f"the last message must be the assistant's response (got role {msgs[-1]['role']!r})")
+        if not msgs[-1]["content"].strip():
+            raise self.error(f"{field}[{len(msgs) - 1}].content", "empty response")
+        return msgs
 
     def distinct(self, chosen: str, rejected: str, field: str = "rejected") -> None:
         if chosen == rejected:
@@ -176,16 +207,25 @@ def _hh_rlhf(r: _Row):
 
 
 def _ultrafeedback(r: _Row):
-    head_c, chosen = r.split_conversation("chosen")
-    head_r, rejected = r.split_conversation("rejected")
+    if isinstance(r.row.get("prompt"), list):  # TRL's explicit-prompt conversational shape
+        head = r.messages("prompt")
+        prompt, chosen = r.conversation(head, r.assistant_turns("chosen"), "chosen")
+        _, rejected = r.conversation(head, r.assistant_turns("rejected"), "rejected")
+        r.distinct(chosen, rejected)
+        return prompt, chosen, rejected, ("prompt", "chosen", "rejected")
+    # TRL's implicit-prompt shape: two whole conversations sharing every turn before the last
+    head_c, _ = r.split_conversation("chosen")
+    head_r, _ = r.split_conversation("rejected")
     strip = [(m["role"], m["content"]) for m in head_c]
     other = [(m["role"], m["content"]) for m in head_r]
     if strip != other:
         at = next((i for i, (a, b) in enumerate(zip(strip, other)) if a != b), min(len(strip), len(other)))
         raise r.error("rejected", f"the turns before the final response differ from 'chosen' at message {at} "
                                   f"(a pair must share its prompt)")
+    prompt, chosen = r.conversation(head_c, r.row["chosen"][len(head_c):], "chosen")
+    _, rejected = r.conversation(head_c, r.row["rejected"][len(head_c):], "rejected")
     r.distinct(chosen, rejected)
-    return r.render(head_c, "chosen"), chosen, rejected, ("prompt", "chosen", "rejected", "messages")
+    return prompt, chosen, rejected, ("prompt", "chosen", "rejected", "messages")
 
 
 def _tldr(r: _Row):
@@ -247,8 +287,15 @@ def _sft(r: _Row):
         ids = (_token_ids(r, "prompt_ids", allow_empty=False), _token_ids(r, "response_ids", allow_empty=False))
         return None, ids, None, ("prompt_ids", "response_ids")
     if "messages" in r.row and "response" not in r.row:
-        head, response = r.split_conversation("messages")
-        return r.render(head, "messages"), response, None, ("messages",)
+        head, _ = r.split_conversation("messages")
+        prompt, response = r.conversation(head, r.row["messages"][len(head):], "messages")
+        return prompt, response, None, ("messages",)
+    if "completion" in r.row and "response" not in r.row:  # TRL's prompt-completion shape
+        if isinstance(r.row.get("prompt"), list) or isinstance(r.row.get("completion"), list):
+            prompt, response = r.conversation(r.messages("prompt"), r.assistant_turns("completion"), "completion")
+            return prompt, response, None, ("prompt", "completion")
+        return (r.string("prompt", what="prompt"), r.string("completion", what="response"), None,
+                ("prompt", "completion"))
     return r.string("prompt", what="prompt"), r.string("response", what="response"), None, ("prompt", "response")
 
 
@@ -293,7 +340,7 @@ _PLAIN_PROMPT_FORMATS = ("generic", "tldr", "cvalues", "sft", "prompts")
 
 
 def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: Any = None,
-                 chat_template: bool = False) -> list:
+                 chat_template: bool = False, info: Optional[dict] = None) -> list:
     """Validate every row of ``path`` and return its records (see the module docstring).
 
     ``kind`` says what the caller needs: ``preference`` -> :class:`PreferenceRecord`,
@@ -301,7 +348,8 @@ def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: An
     ``prompts`` -> :class:`PromptRecord`.  ``tokenizer`` renders message lists with its chat
     template; with ``chat_template`` plain-string prompts are rendered too, as one user
     turn followed by the assistant's generation prompt (for chat models such as ChatGLM3).
-    Raises :class:`DataFormatError` at the first bad row.
+    Raises :class:`DataFormatError` at the first bad row.  ``info``, if given, gets the file's
+    ``format`` (detected from its first row, or the one forced).
     """
     shown = str(path)
     if format != "auto" and format not in _PARSERS:
@@ -349,20 +397,21 @@ def load_records(path: PathLike, kind: Kind, format: str = "auto", tokenizer: An
             records.append(PromptRecord(rid, prompt, source, meta))
     if not records:
         raise DataFormatError(shown, None, "no rows")
+    if info is not None:
+        info["format"] = fmt
     return records
 
 
 def load_preference_records(path: PathLike, format: str = "auto", tokenizer: Any = None,
-                            chat_template: bool = False) -> list[PreferenceRecord]:
-    return load_records(path, "preference", format, tokenizer, chat_template)
+                            chat_template: bool = False, info: Optional[dict] = None) -> list[PreferenceRecord]:
+    return load_records(path, "preference", format, tokenizer, chat_template, info)
 
 
 def load_sft_records(path: PathLike, format: str = "auto", tokenizer: Any = None,
-                     chat_template: bool = False) -> list[SFTRecord]:
-    return load_records(path, "sft", format, tokenizer, chat_template)
+                     chat_template: bool = False, info: Optional[dict] = None) -> list[SFTRecord]:
+    return load_records(path, "sft", format, tokenizer, chat_template, info)
 
 
 def load_prompt_records(path: PathLike, format: str = "auto", tokenizer: Any = None,
-                        chat_template: bool = False) -> list[PromptRecord]:
-    return load_records(path, "prompts", format, tokenizer, chat_template)
-
+                        chat_template: bool = False, info: Optional[dict] = None) -> list[PromptRecord]:
+    return load_records(path, "prompts", format, tokenizer, chat_template, info)

@@ -44,7 +44,7 @@ class DPOTask:
         self.dataset = PreferenceDataset.from_file(resolve_path(cfg.data.train), run.tokenizer,
                                                    cfg.data.max_prompt_length, cfg.data.max_response_length,
                                                    format=cfg.data.format,
-                                                   chat_template=cfg.data.chat_template)
+                                                   chat_template=cfg.data.chat_template, **cfg.data.truncation())
         run.check_context(self.dataset)
         self.stream = self._new_stream()
         self.reference_logps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}

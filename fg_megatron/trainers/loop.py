@@ -77,17 +77,20 @@ class Run:
     def check_context(self, dataset: Any, *, extra: int = 0, budget: str = "") -> None:
         """Every sample of ``dataset`` (``extra`` more tokens each: a generation budget named
         ``budget``) fits the positions of every loaded model; the first that does not is a
-        data error naming its file and line (the run's length limits truncate, this refuses)."""
+        data error naming its file and line (the run's length limits truncate, this refuses).  Logs the
+        dataset's summary first (rows, format, token lengths, truncation), so every trainer prints it."""
+        dataset.log_summary(log)  # rows, format, token lengths, what truncation did (rank 0 prints)
         name, limit = min(((n, p.arch.max_position_embeddings) for n, p in self.parts.items()), key=lambda x: x[1])
         data = self.cfg.data
         for i, item in enumerate(dataset.items):
             if item.length + extra > limit:
                 path, line = dataset.records[i].source.rsplit(":", 1)
                 size = f"{item.length} tokens + {budget}={extra}" if extra else f"{item.length} tokens"
+                total = "" if data.max_length is None else f", data.max_length={data.max_length}"
                 raise DataFormatError(path, int(line), f"{size} after truncation to data.max_prompt_length="
-                                      f"{data.max_prompt_length}, data.max_response_length={data.max_response_length}: "
-                                      f"more than the {limit} positions of {name} (max_position_embeddings); lower "
-                                      f"those limits to truncate further")
+                                      f"{data.max_prompt_length}, data.max_response_length={data.max_response_length}"
+                                      f"{total}: more than the {limit} positions of {name} (max_position_embeddings); "
+                                      f"lower those limits (or set data.max_length) to truncate further")
 
 
 class Task(Protocol):

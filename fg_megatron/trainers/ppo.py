@@ -81,7 +81,8 @@ class PPOTask:
             check_same_vocabulary(self.reward, self.actor, "reward.load")
         check_same_vocabulary(self.critic, self.actor, "the critic")
         self.dataset = PromptDataset.from_file(resolve_path(cfg.data.train), run.tokenizer, cfg.data.max_prompt_length,
-                                               format=cfg.data.format, chat_template=cfg.data.chat_template)
+                                               format=cfg.data.format, chat_template=cfg.data.chat_template,
+                                               on_truncation=cfg.data.on_truncation)
         run.check_context(self.dataset, extra=ppo.max_new_tokens, budget="ppo.max_new_tokens")
         self.sampler = GlobalBatchSampler(self.dataset.lengths, ppo.rollout_batch_size, seed=cfg.train.seed,
                                           shuffle=cfg.data.shuffle, group_batches=0, source=self.dataset.path,

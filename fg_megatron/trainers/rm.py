@@ -71,7 +71,7 @@ class RewardModelTask:
         data = self.cfg.data
         dataset = PreferenceDataset.from_file(resolve_path(path), self.run.tokenizer, data.max_prompt_length,
                                               data.max_response_length, format=data.format,
-                                              chat_template=data.chat_template)
+                                              chat_template=data.chat_template, **data.truncation())
         self.run.check_context(dataset)
         return dataset
 

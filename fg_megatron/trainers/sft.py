@@ -34,7 +34,7 @@ class SFTTask:
         self.policy = run.load("policy", cfg.model.load, trainable=True)
         dataset = SFTDataset.from_file(resolve_path(cfg.data.train), run.tokenizer, cfg.data.max_prompt_length,
                                        cfg.data.max_response_length, format=cfg.data.format,
-                                       chat_template=cfg.data.chat_template)
+                                       chat_template=cfg.data.chat_template, **cfg.data.truncation())
         run.check_context(dataset)
         self.stream = MicroBatchStream.from_config(dataset, cfg.data, cfg.train, dp_size=run.ctx.dp,
                                                    dp_rank=run.ctx.dp_rank)
