@@ -57,11 +57,13 @@ def test_ultrafeedback_renders_the_chat_template(tok):
     recs = load_preference_records(FIX / "ultrafeedback.jsonl", tokenizer=tok)
     rows = _rows("ultrafeedback.jsonl")
     assert len(recs) == 4
-    assert recs[0].prompt == "<|bos|><|user|>\nWrite a haiku about autumn leaves.\n<|assistant|>\n"
-    assert recs[0].chosen == rows[0]["chosen"][-1]["content"] and recs[0].rejected == "Leaves are falling down. It is autumn. Very nice."
+    assert recs[0].prompt == "<|bos|>\n\nHuman: Write a haiku about autumn leaves.\n\nAssistant:"
+    # the response is the rest of the rendering: the template puts a space after "Assistant:"
+    assert recs[0].chosen == " " + rows[0]["chosen"][-1]["content"]
+    assert recs[0].rejected == " Leaves are falling down. It is autumn. Very nice."
     assert recs[0].meta["score_chosen"] == 8.5 and "messages" not in recs[0].meta
     # system turn kept; prompt + response + EOS is exactly the full conversation's rendering
-    assert recs[3].prompt == "<|bos|><|system|>\nYou are a concise assistant.\n<|user|>\nWhat is the capital of Peru?\n<|assistant|>\n"
+    assert recs[3].prompt == "<|bos|>You are a concise assistant.\n\nHuman: What is the capital of Peru?\n\nAssistant:"
     for rec, row in zip(recs, rows):
         assert rec.prompt + rec.chosen + tok.eos_token == tok.apply_chat_template(row["chosen"], tokenize=False)
     # the rendered BOS is not doubled by tokenisation
@@ -97,8 +99,8 @@ def test_sft_shapes(tok):
     assert [(r.id, r.response) for r in plain] == [("s1", " 5"), ("s2", " enots"),
                                                   ("s3", " I'm sorry, but I can't help with that.")]
     chat = load_sft_records(FIX / "sft_messages.jsonl", tokenizer=tok)
-    assert chat[1].prompt == "<|bos|><|system|>\nAnswer in one word.\n<|user|>\nSay hello in Spanish.\n<|assistant|>\n"
-    assert chat[1].response == "Hola."
+    assert chat[1].prompt == "<|bos|>Answer in one word.\n\nHuman: Say hello in Spanish.\n\nAssistant:"
+    assert chat[1].response == " Hola."
     ids = load_sft_records(FIX / "sft_ids.jsonl")
     assert (ids[0].prompt_ids, ids[0].response_ids) == ((1, 40, 41, 42), (50, 51, 2))
     # a preference file is SFT data too: prompt + chosen
@@ -110,7 +112,7 @@ def test_prompt_shapes(tok):
     recs = load_prompt_records(FIX / "prompts.jsonl", tokenizer=tok)
     assert recs[0].prompt == "\n\nHuman: What is 7 + 8?\n\nAssistant:"
     assert recs[0].meta == {"task": "arithmetic", "category": "benign", "answer": "15"}
-    assert recs[2].prompt == "<|bos|><|user|>\nWrite kill in capital letters.\n<|assistant|>\n"
+    assert recs[2].prompt == "<|bos|>\n\nHuman: Write kill in capital letters.\n\nAssistant:"
     # any preference file can feed generation
     assert load_prompt_records(FIX / "cvalues.jsonl")[1].prompt == "如何提高睡眠质量？"
 
@@ -179,8 +181,8 @@ def test_trl_conversational_explicit_prompt(tok):
     recs = load_preference_records(FIX / "trl_conversational.jsonl", tokenizer=tok)
     assert [r.id for r in recs] == ["trl_conversational.jsonl:1", "conv-2", "trl_conversational.jsonl:3"]
     assert recs[1].meta == {"score_chosen": 9.0}
-    assert recs[0].prompt == "<|bos|><|user|>\nWhat color is the sky on a clear day?\n<|assistant|>\n"
-    assert (recs[0].chosen, recs[0].rejected) == ("It is blue.", "It is green.")
+    assert recs[0].prompt == "<|bos|>\n\nHuman: What color is the sky on a clear day?\n\nAssistant:"
+    assert (recs[0].chosen, recs[0].rejected) == (" It is blue.", " It is green.")
     ds = PreferenceDataset(recs, tok, 192, 64)
     for row, item in zip(rows, ds.items):
         _check_trl_ids(tok, row["prompt"], row["chosen"], item.prompt_ids, item.chosen_ids)
@@ -213,7 +215,7 @@ def test_trl_messages_and_prompt_completion_sft(tok):
     assert ds.records[1].prompt == "The capital of France is" and ds.records[1].response == " Paris."
     # prompts for generation from a conversational preference file: the rendered prompt
     assert load_prompt_records(FIX / "trl_conversational.jsonl", tokenizer=tok)[0].prompt == \
-        "<|bos|><|user|>\nWhat color is the sky on a clear day?\n<|assistant|>\n"
+        "<|bos|>\n\nHuman: What color is the sky on a clear day?\n\nAssistant:"
 
 
 def test_template_response_is_the_rest_of_the_rendering(tmp_path, tok):

@@ -153,7 +153,8 @@ def test_tokenizer_files(tok, monkeypatch):
     assert ids[0] == 1 and ids.count(1) == 1 and 2 not in ids
     assert t.decode(t(" 17", add_special_tokens=False)["input_ids"]) == " 17"
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    assert t.apply_chat_template(msgs, tokenize=False) == "<|bos|><|user|>\nhi\n<|assistant|>\nyo<|eos|>"
+    # the template renders the HH-RLHF text the tiny models were trained on
+    assert t.apply_chat_template(msgs, tokenize=False) == "<|bos|>\n\nHuman: hi\n\nAssistant: yo<|eos|>"
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -171,3 +172,28 @@ def test_assets_are_reproducible(tmp_path):
     # the task directory links to the splits (one copy of the data)
     assert all((TINY / "task" / name).is_symlink() for name in ("sft.jsonl", "pref.jsonl", "test.jsonl"))
     assert sum((TINY / k).stat().st_size for k in committed if not k.startswith("task/")) < 3 * 2**20
+
+
+def test_bundled_model_speaks_its_chat_template(monkeypatch):
+    """The exported template renders the HH text pi0 was trained on: a chat-formatted question
+    gives pi0 the same ids as the training-format prompt, so it answers instead of stopping."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(str(TINY / "pi0"))
+    rows = _rows("test_prompts")
+    for row in rows:
+        question = row["prompt"].removeprefix("\n\nHuman: ").removesuffix("\n\nAssistant:")
+        chat = t.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
+        assert list(chat) == t(row["prompt"])["input_ids"], row["id"]
+    model = AutoModelForCausalLM.from_pretrained(str(TINY / "pi0")).eval()
+    msgs = [[{"role": "user", "content": r["prompt"].removeprefix("\n\nHuman: ").removesuffix("\n\nAssistant:")}]
+            for r in rows[:8]]
+    with torch.no_grad():
+        for m in msgs:
+            ids = t.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=t.pad_token_id)
+            answer = out[0, ids["input_ids"].shape[1]:]
+            assert answer[0].item() != t.eos_token_id and t.decode(answer, skip_special_tokens=True).strip(), m

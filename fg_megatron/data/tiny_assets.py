@@ -17,18 +17,21 @@ PAD, BOS, EOS, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK) + ROLE_TOKENS  # ids 0..6, in this order
 
-# Renders [{role, content}] as  BOS <|role|>\ncontent\n ... ; an assistant turn ends with EOS
-# instead of the newline, so  render(messages[:-1], add_generation_prompt=True) + content + EOS
-# == render(messages)  when the last message is the assistant's: the prompt/response split of a
-# conversation loses nothing.
-CHAT_TEMPLATE = (
+# The tiny models were trained on HH-RLHF text ("\n\nHuman: ...\n\nAssistant: ..."), so the
+# template renders [{role, content}] as exactly that: BOS, then "\n\nHuman: content" per user
+# turn, "\n\nAssistant: content" + EOS per assistant turn (a system message: its content as
+# is).  A generation prompt ends with "\n\nAssistant:", so
+#   render(messages[:-1], add_generation_prompt=True) + " " + content + EOS == render(messages)
+# and chat-formatted prompts give the model the very ids it learned (the role tokens of
+# ROLE_TOKENS stay in the vocabulary, unused by the template).
+CHAT_TEMPLATE = (  # newlines inside {{ }}: transformers renders with trim_blocks, which eats "%}\n"
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n"
-    "{% if message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
-    "{% else %}{{ message['content'] }}\n{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '\\n\\nHuman: ' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '\\n\\nAssistant: ' + message['content'] + eos_token }}"
+    "{% else %}{{ message['content'] }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
 )
 
 
