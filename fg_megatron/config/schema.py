@@ -209,7 +209,9 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    rollout_batch_size: int = 32  # prompts generated per iteration (train.global_batch_size: per optimizer step)
+    # prompts generated per iteration, a multiple of train.global_batch_size (prompts per optimizer
+    # step): the default 128 gives two optimizer steps of the default 64 per rollout and epoch
+    rollout_batch_size: int = 128
     epochs: int = 1  # passes over each rollout
     max_new_tokens: int = 24  # response budget of the rollout
     temperature: float = 1.0  # sampling of y_pol (and y_ref): 0 is greedy
