@@ -156,3 +156,139 @@ def test_layers_per_stage_from_yaml_set_and_flag(tmp_path):
     assert "\n" not in str(exc.value)
     with pytest.raises(SystemExit):  # argparse: "expected comma-separated layer counts such as 2,1"
         parse_run_config(DPORunConfig, ["--layers-per-stage", "2;1"], description="x")
+
+
+# -- which defaults apply, --help, the run summary (issue 12) ---------------------------------------
+
+TINY = "configs/dpo_tiny.yaml"
+
+
+@pytest.mark.parametrize("config,overrides,expected", [
+    (None, [], (TINY, f"bundled tiny default ({TINY})")),
+    (None, [("train.steps", 3), "dpo.gamma=0.1"], (TINY, f"bundled tiny default ({TINY})")),
+    (None, [("model.load", "my/model")], (None, "defaults for your model")),
+    (None, [("data.train", "hh.jsonl")], (None, "defaults for your model")),
+    (None, ["data.train=hh.jsonl"], (None, "defaults for your model")),
+    ("mine.yaml", [("model.load", "my/model")], ("mine.yaml", "mine.yaml")),
+])
+def test_choose_config_rule(config, overrides, expected):
+    from fg_megatron.config.cli import choose_config
+
+    assert choose_config(config, overrides, TINY) == expected
+
+
+def test_own_model_or_data_gets_real_model_defaults_not_the_tiny_config():
+    def parse(*argv):
+        return parse_run_config(DPORunConfig, list(argv), description="x", extra_flags=PREFERENCE_FLAGS,
+                                default_config=TINY, announce=False)
+
+    tiny = load_config(DPORunConfig, ROOT / TINY)
+    assert parse("--steps", "3").optim.lr == tiny.optim.lr == 5e-4  # bundled runs are unchanged
+    for argv in (["--load", "my/model"], ["--data", "hh.jsonl"], ["--set", "model.load=my/model"]):
+        cfg = parse(*argv)
+        assert (cfg.optim.lr, cfg.optim.lr_schedule, cfg.optim.warmup_steps, cfg.optim.weight_decay) == \
+            (1e-6, "cosine", 10, 0.1), argv
+        assert (cfg.data.max_prompt_length, cfg.data.max_response_length, cfg.train.steps) == (192, 64, 100)
+        assert (cfg.train.global_batch_size, cfg.dpo.gamma) == (64, 0.01)
+    assert parse("--config", TINY, "--load", "my/model").optim.lr == 5e-4  # --config always wins
+    assert SFTRunConfig().optim.lr == 5e-6 and DPORunConfig().optim.lr == 1e-6
+
+
+def test_help_shows_effective_defaults_and_metavars(capsys):
+    def help_text(*argv):
+        with pytest.raises(SystemExit):
+            parse_run_config(DPORunConfig, [*argv, "--help"], description="x\n\n    line one\n    line two\n",
+                             extra_flags=PREFERENCE_FLAGS, default_config=TINY, announce=False)
+        return capsys.readouterr().out
+
+    tiny = help_text()
+    assert "--lr LR" in tiny and "--tp N" in tiny and "--load PATH" in tiny and "--save DIR" in tiny
+    assert "_PARALLEL" not in tiny and "(default: None)" not in tiny
+    assert "(default: 0.0005)" in tiny and "(default: 120)" in tiny  # the tiny YAML's lr and steps
+    assert "    line one\n    line two" in tiny  # usage examples keep their lines
+    assert "--bf16" in tiny and "--fp16" in tiny
+    own = help_text("--load", "my/model")
+    assert "(default: 1e-06)" in own and "(default: 100)" in own and "Defaults shown: defaults for your model" in own
+
+
+def test_bf16_and_fp16_flags():
+    def parse(*argv):
+        return parse_run_config(DPORunConfig, list(argv), description="x", default_config=TINY, announce=False)
+
+    assert parse("--bf16").model.dtype == "bfloat16"
+    assert parse("--fp16").model.dtype == "float16"
+    assert parse("--bf16", "--set", "model.dtype=float32").model.dtype == "float32"  # command-line order
+    assert parse().model.dtype == "auto"
+
+
+def test_run_summary_names_source_and_key_values(monkeypatch):
+    from fg_megatron.config.cli import describe_run
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = load_config(DPORunConfig, ROOT / TINY, ["parallel.tp=2"])
+    text = describe_run(cfg, "bundled tiny default (configs/dpo_tiny.yaml)")
+    assert text.splitlines()[0] == "config: bundled tiny default (configs/dpo_tiny.yaml)"
+    for needle in ("assets/tiny/pi0", "tp=2 pp=1 dp=2", "pref_train.jsonl (format auto)", "prompt <= 64",
+                   "response <= 24", "global 16, micro 8", "lr 0.0005 cosine, warmup 5", "steps 120"):
+        assert needle in text, needle
+    assert len(text.splitlines()) == 4
+
+
+def test_report_to_wandb_needs_the_package(monkeypatch, tmp_path):
+    import importlib.util
+
+    with pytest.raises(ConfigError, match="'mlflow' is not one of"):
+        load_config(DPORunConfig, overrides=["train.report_to=[mlflow]"])
+    assert load_config(DPORunConfig, overrides=["train.report_to=[]"]).train.report_to == []
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError) as exc:
+        load_config(DPORunConfig, overrides=["train.report_to=[tensorboard, wandb]"])
+    assert "pip install wandb" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_metrics_go_to_wandb_when_asked(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from fg_megatron.trainers.metrics import MetricsWriter
+
+    calls = []
+    run = types.SimpleNamespace(log=lambda d, step: calls.append(("log", step, d)),
+                                finish=lambda: calls.append(("finish",)))
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or run
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    w = MetricsWriter(tmp_path, enabled=True, tensorboard=True, total_steps=1, report_to=["wandb"],
+                      run_config={"optim": {"lr": 1e-6}})
+    w.write(1, {"loss": 0.5, "gated_ids": [1]})
+    w.close()
+    assert calls[0][0] == "init" and calls[0][1]["config"] == {"optim": {"lr": 1e-6}}
+    assert calls[1] == ("log", 1, {"train/loss": 0.5}) and calls[2] == ("finish",)
+    assert w.tb is None and not (tmp_path / "tb").exists()  # tensorboard not in report_to
+
+
+def test_every_tool_help_has_metavars_help_text_and_readable_examples():
+    """Each tool's --help: usage examples on their own lines, a help text and a proper metavar
+    (N, PATH, FILE, DIR, ...) for every flag, no 'default: None'."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    tools = ["train_dpo", "score", "generate", "eval_flips", "run_flip_experiment"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = {t: subprocess.Popen([sys.executable, str(ROOT / f"tools/{t}.py"), "--help"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env) for t in tools}
+    for tool, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (tool, err[-2000:])
+        assert "default: None" not in out and not re.search(r"--\S+ _?[A-Z_]+\.[A-Z_]+", out), (tool, out)
+        assert re.search(r"\n    (torchrun|python) ", out), (tool, "usage examples run together")
+        options = out.split("options:", 1)[1].split("\n\n")[0]
+        entries = re.split(r"\n  (?=-)", "\n" + options.strip("\n"))
+        for entry in entries[1:]:
+            flag, _, rest = entry.partition("  ")
+            assert rest.strip(), (tool, f"{flag.strip()} has no help text")
+        for flag in re.findall(r"^  --[a-z0-9-]+ ([^\s{]+)", options, re.M):
+            assert flag.isupper() or flag.startswith("N,") or flag == "G,G,...", (tool, flag)

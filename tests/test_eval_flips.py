@@ -3,6 +3,7 @@
 named by file and line, the CLI's JSON summary and plots."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,8 @@ def test_plots_skip_without_matplotlib(monkeypatch, tiny_files, tmp_path):
 def test_cli_summary_table_and_plot(tiny_files, tmp_path):
     out, png = tmp_path / "summary.json", tmp_path / "scatter.png"
     proc = subprocess.run([sys.executable, str(ROOT / "tools/eval_flips.py"), "--pi0", str(tiny_files[0]), "--pi",
-                           str(tiny_files[1]), "--judge", "tiny", "--out", str(out), "--plot", str(png)],
+                           str(tiny_files[1]), "--judge", "tiny", "--out", str(out),
+                           *(["--plot", str(png)] if plots.have_matplotlib() else [])],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(out.read_text())
@@ -111,7 +113,7 @@ def test_cli_summary_table_and_plot(tiny_files, tmp_path):
     if plots.have_matplotlib():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
-        assert not png.exists() and "matplotlib is not installed" in proc.stdout
+        assert not png.exists()
     bad = write(tmp_path / "bad.jsonl", [{"id": "t0", "prompt": "\n\nHuman: qt0\n\nAssistant:", "response": 3}])
     proc = subprocess.run([sys.executable, str(ROOT / "tools/eval_flips.py"), "--pi0", str(bad), "--pi", str(bad),
                            "--judge", "tiny"], capture_output=True, text=True, cwd=ROOT)
@@ -167,3 +169,19 @@ def test_read_only_out_folder_is_found_up_front(tmp_path, monkeypatch):
     assert str(err.value) == f"--out {locked}/new/summary.json: cannot be written: no permission to write in {locked}"
     readers.check_output_file(tmp_path / "fresh" / "deeper" / "summary.json")  # missing folders are fine
     assert not (tmp_path / "fresh").exists()  # and the check creates nothing
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tiny_files, tmp_path):
+    """--plot with matplotlib missing stops before the evaluation: exit 2, one line, no summary."""
+    fake = tmp_path / "site"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    out = tmp_path / "summary.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/eval_flips.py"), "--pi0", str(tiny_files[0]), "--pi",
+                           str(tiny_files[1]), "--judge", "tiny", "--out", str(out), "--plot", str(tmp_path / "s.png")],
+                          capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
+    assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
+    assert proc.stderr.strip().splitlines() == [
+        "error: --plot needs matplotlib, which is not installed: pip install -e '.[plot]'"]
+    assert not out.exists() and not (tmp_path / "s.png").exists()

@@ -188,3 +188,19 @@ def test_study_end_to_end(tmp_path):
     md = (out / "report.md").read_text()
     assert "| DPO+FlipGuard - DPO |" in md and "--seeds 2" in md
     assert (out / "gate_rate.png").is_file() or "matplotlib" in proc.stdout + proc.stderr
+
+
+def test_cli_refuses_to_overwrite_results_without_force(tmp_path):
+    """The default --out is the committed results/tiny_flip_study: an --out holding results is
+    refused up front (one line) unless --force."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "report.md").write_text("earlier results\n")
+    args = [sys.executable, str(ROOT / "tools/run_flip_experiment.py"), "--methods", "dpo", "--pi0",
+            "assets/tiny/pi0", "--work-dir", str(tmp_path / "w")]
+    for extra in ([], ["--out", str(out)]):
+        proc = subprocess.run([*args, *extra], capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: --out ") and "already holds results; pass --force" in line, line
+    assert (out / "report.md").read_text() == "earlier results\n" and not (tmp_path / "w").exists()

@@ -291,6 +291,24 @@ def test_stalled_rank_ends_the_job_at_the_timeout(tmp_path):
 # -- fp16 and RNG ----------------------------------------------------------------------------
 
 
+def test_bf16_dpo_run_trains_on_cpu(tmp_path):
+    """--bf16 on CPU trains end to end (megatron-core's mixed-precision optimizer with fp32 main
+    params) and saves a checkpoint in one dtype (norm weights stay fp32 in training): its step-1
+    log-probs and grad norm and its step-2 loss are close to an fp32 run's."""
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", ["--bf16"])):
+        _train(tmp_path / name, "--steps", "2", *extra)
+        runs[name] = read_metrics(tmp_path / name)
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    for m in bf16:
+        assert all(math.isfinite(m[k]) for k in ("loss", "logps_chosen", "grad_norm")), m
+    assert abs(bf16[0]["logps_chosen"] - fp32[0]["logps_chosen"]) < 0.05 * abs(fp32[0]["logps_chosen"])
+    assert bf16[0]["grad_norm"] == pytest.approx(fp32[0]["grad_norm"], rel=0.05)
+    assert bf16[1]["loss"] == pytest.approx(fp32[1]["loss"], rel=0.05) and bf16[1]["loss"] < math.log(2) - 0.01
+    meta = json.loads((tmp_path / "bf16/checkpoints/step_000002/model/fg_checkpoint.json").read_text())
+    assert meta["dtype"] == "bfloat16"
+
+
 def test_fp16_step_matches_fp32_step(tmp_path):
     """With model.dtype float16 the loss is scaled up before backward and the gradients down
     after it: grad norms, losses and the weight update agree with fp32."""

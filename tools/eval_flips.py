@@ -15,13 +15,17 @@ summary (--out) and a scatter plot (--plot, needs matplotlib).
 
 import argparse
 
+from fg_megatron.config import ConfigError
+from fg_megatron.config.cli import HelpFormatter
 from fg_megatron.data.readers import check_output_file
 from fg_megatron.eval.flips import JUDGES, compare, format_table, load_rows, write_json
-from fg_megatron.eval.plots import MISSING, flip_scatter
+from fg_megatron.eval.plots import MISSING, flip_scatter, have_matplotlib
 from fg_megatron.trainers.errors import run_cli
 
 
 def main(a: argparse.Namespace) -> None:
+    if a.plot and not have_matplotlib():
+        raise ConfigError("--plot needs matplotlib, which is not installed: pip install -e '.[plot]'")
     for path, flag in ((a.out, "--out"), (a.plot, "--plot")):
         if path:
             check_output_file(path, flag)  # now, not after the evaluation
@@ -36,16 +40,18 @@ def main(a: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pi0", required=True, help="pi0's responses (JSONL, from tools/generate.py)")
-    p.add_argument("--pi", required=True, help="pi's responses to the same prompts")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--pi0", required=True, metavar="FILE", help="pi0's responses (JSONL, from tools/generate.py)")
+    p.add_argument("--pi", required=True, metavar="FILE", help="pi's responses to the same prompts")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--judge", choices=sorted(JUDGES), help="programmatic judge of each response")
-    how.add_argument("--score-field", help="numeric field holding each response's score")
-    p.add_argument("--margin", type=float, default=None, help="default: 0 with --judge, 0.1 with --score-field")
-    p.add_argument("--group-by", default="auto", help="row field to break results down by ('none': off)")
-    p.add_argument("--out", help="JSON summary")
-    p.add_argument("--plot", help="PNG scatter of score(pi0) against score(pi)")
+    how.add_argument("--score-field", metavar="FIELD", help="numeric field holding each response's score")
+    p.add_argument("--margin", type=float, default=None, metavar="X",
+                   help="default: 0 with --judge, 0.1 with --score-field")
+    p.add_argument("--group-by", default="auto", metavar="FIELD",
+                   help="row field to break results down by ('none': off)")
+    p.add_argument("--out", metavar="FILE", help="JSON summary")
+    p.add_argument("--plot", metavar="FILE", help="PNG scatter of score(pi0) against score(pi)")
     p.add_argument("--title", default="", help="plot title")
     a = p.parse_args()
     if a.margin is not None and a.margin < 0:

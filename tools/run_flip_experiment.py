@@ -12,6 +12,8 @@ the recipe (--pi0-recipe, an SFT config) from a random init on sft.jsonl.  Each
 method trains from pi0 for each seed (DPO with --dpo-config, PPO with
 --ppo-config and the reward model), then greedy responses on test.jsonl are
 judged against pi0's.  DPO+FlipGuard is also swept over --gammas on seed 1.
+An --out directory that already holds a report (such as the committed
+results/tiny_flip_study, the default) is refused unless --force is given.
 Writes OUT/report.md (table 1 as mean ± std, paired bootstrap intervals, per
 category NFR and refusal rates, the gamma sweep), OUT/report.json and PNGs
 (gate_rate curves; with --reward-model, R(pi0) vs R(pi) scatters).
@@ -19,7 +21,8 @@ category NFR and refusal rates, the gamma sweep), OUT/report.json and PNGs
 
 import argparse
 
-from fg_megatron.eval.experiment import GAMMAS, METHODS, StudyError, StudySettings, run_study, write_report
+from fg_megatron.config.cli import REPO_ROOT, HelpFormatter
+from fg_megatron.eval.experiment import METHODS, StudyError, StudySettings, _check, run_study, write_report
 from fg_megatron.trainers.errors import run_cli
 
 
@@ -44,31 +47,48 @@ def _settings(a: argparse.Namespace) -> StudySettings:
                          dpo_overrides=tuple(a.dpo_set), ppo_overrides=tuple(a.ppo_set))
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)  # progress shows as it happens, even through a pipe
+
+
+def main(a: argparse.Namespace) -> None:
+    s = _settings(a)
+    _check(s)
+    out = REPO_ROOT / s.out
+    if out.is_dir() and any(out.iterdir()) and not a.force:
+        raise StudyError(f"--out {s.out} already holds results; pass --force to overwrite them, or another --out")
+    print(f"report: {write_report(run_study(s, log=_say), log=_say)}")
+
+
 if __name__ == "__main__":
     d = StudySettings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=d.task, help="task directory (sft/pref/test .jsonl)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--task", default=d.task, metavar="DIR", help="task directory (sft/pref/test .jsonl)")
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma-separated: {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, default=d.seeds, help="seeds 1..N per method")
-    p.add_argument("--out", default=d.out, help="report directory")
-    p.add_argument("--pi0", default=None, help="pi0 (HF directory or fg checkpoint); default: the recipe")
-    p.add_argument("--pi0-recipe", default=d.pi0_recipe, help="SFT config that makes pi0 when --pi0 is absent")
-    p.add_argument("--dpo-config", default=d.dpo_config)
-    p.add_argument("--ppo-config", default=d.ppo_config)
-    p.add_argument("--reward-model", default=None, help="RM for the RM-based NFR and PPO's reward")
-    p.add_argument("--gammas", type=_gammas, default=d.gammas,
-                   help=f"DPO+FlipGuard gamma sweep on seed 1 (default {','.join(f'{g:g}' for g in GAMMAS)}; "
-                        "'none' to skip)")
-    p.add_argument("--work-dir", default=d.work_dir, help="intermediate checkpoints and responses")
-    p.add_argument("--nproc", type=int, default=d.nproc)
-    p.add_argument("--tp", type=int, default=d.tp)
-    p.add_argument("--steps", type=int, default=None, help="override every config's train.steps (quick runs)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="generation batch size")
+    p.add_argument("--seeds", type=int, default=d.seeds, metavar="N", help="seeds 1..N per method")
+    p.add_argument("--out", default=d.out, metavar="DIR", help="report directory (an existing one needs --force)")
+    p.add_argument("--force", action="store_true", help="overwrite the results already in --out")
+    p.add_argument("--pi0", default=None, metavar="PATH",
+                   help="pi0 (HF directory or fg checkpoint); default: the recipe")
+    p.add_argument("--pi0-recipe", default=d.pi0_recipe, metavar="FILE",
+                   help="SFT config that makes pi0 when --pi0 is absent")
+    p.add_argument("--dpo-config", default=d.dpo_config, metavar="FILE", help="config of every DPO run")
+    p.add_argument("--ppo-config", default=d.ppo_config, metavar="FILE", help="config of every PPO run")
+    p.add_argument("--reward-model", default=None, metavar="PATH", help="RM for the RM-based NFR and PPO's reward")
+    p.add_argument("--gammas", type=_gammas, default=",".join(f"{g:g}" for g in d.gammas), metavar="G,G,...",
+                   help="DPO+FlipGuard gamma sweep on seed 1 ('none' to skip)")
+    p.add_argument("--work-dir", default=d.work_dir, metavar="DIR", help="intermediate checkpoints and responses")
+    p.add_argument("--nproc", type=int, default=d.nproc, metavar="N", help="processes per torchrun")
+    p.add_argument("--tp", type=int, default=d.tp, metavar="N", help="tensor-parallel size of every run")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="override every config's train.steps (quick runs)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, metavar="N",
+                   help="response budget when generating")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, metavar="N", help="generation batch size")
     p.add_argument("--dpo-set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every DPO run (repeatable), e.g. dpo.beta=0.2")
     p.add_argument("--ppo-set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every PPO run (repeatable), e.g. ppo.rollout_batch_size=16")
     p.add_argument("--reuse", action="store_true", help="keep outputs already in --work-dir")
     a = p.parse_args()
-    run_cli(lambda: print(f"report: {write_report(run_study(_settings(a)))}"))
+    run_cli(lambda: main(a))

@@ -5,6 +5,8 @@
 
 With no arguments it trains the bundled tiny default (configs/dpo_tiny.yaml).
 Every config field is reachable with ``--set dotted.key=value``.
+Your own --load or --data (without --config) switches to the defaults for a real
+model (fg_megatron/config/schema.py) instead: --help shows the values that apply.
 """
 
 import sys

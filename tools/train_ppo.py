@@ -8,6 +8,8 @@ the frozen reference pi0 and the frozen reward model.  ``train.steps`` counts
 PPO iterations (a rollout, then ``ppo.epochs`` passes over it).  With no
 arguments it trains the bundled tiny default (configs/ppo_tiny.yaml).  Every
 config field is reachable with ``--set dotted.key=value``.
+Your own --load or --data (without --config) switches to the defaults for a real
+model (fg_megatron/config/schema.py) instead: --help shows the values that apply.
 """
 
 import sys

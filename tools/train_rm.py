@@ -6,6 +6,8 @@
 With no arguments it trains the bundled tiny reward model (configs/rm_tiny.yaml)
 from the tiny pi0 with a zero-initialised value head.  Every config field is
 reachable with ``--set dotted.key=value``.
+Your own --load or --data (without --config) switches to the defaults for a real
+model (fg_megatron/config/schema.py) instead: --help shows the values that apply.
 """
 
 import sys

@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 2 tools/train_sft.py --load MODEL --data sft.jsonl --save runs/sft
 
 With no arguments it trains the bundled tiny default (configs/sft_tiny.yaml).
+Your own --load or --data (without --config) switches to the defaults for a real
+model (fg_megatron/config/schema.py) instead: --help shows the values that apply.
 """
 
 import sys

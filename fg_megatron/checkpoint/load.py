@@ -24,6 +24,7 @@ from fg_megatron.checkpoint.atomic import check_output_dir, commit_dir, temp_dir
 from fg_megatron.checkpoint.convert import check_hf_tensors, family_of
 from fg_megatron.checkpoint.hf import copy_side_files, open_hf_weights, read_hf_config
 from fg_megatron.checkpoint.layout import (
+    DTYPE_NAMES,
     HF_FILES_DIR,
     CheckpointMeta,
     FgCheckpoint,
@@ -205,6 +206,10 @@ def save_model(model: torch.nn.Module, arch: ModelArch, meta: CheckpointMeta, pa
         tmp.mkdir(parents=True)
     _all_ok(True, ctx)  # barrier: the directory exists
     state = stage_state(model)
+    if meta.dtype in DTYPE_NAMES:
+        # bf16 / fp16 training keeps some parameters (norm weights) in fp32: one dtype per checkpoint.
+        want = meta.torch_dtype
+        state = {k: (t.to(want) if t.is_floating_point() else t) for k, t in state.items()}
     dtypes = {t.dtype for t in state.values()}
     error: Optional[BaseException] = None
     try:

@@ -3,15 +3,22 @@
 Every flag is a short name for a dotted config key (``--tp`` is
 ``parallel.tp``); ``--set key=value`` reaches any other field.  Precedence:
 dataclass defaults < ``--config`` YAML < flags / ``--set`` in command-line order.
+
+Which YAML a run starts from is :func:`choose_config`'s one rule: ``--config FILE``
+when given; else, once the user names their own model or data (``--load`` /
+``--data``), none (the dataclass defaults, sized for a real model); else the
+trainer's bundled tiny config.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import textwrap
 from pathlib import Path
-from typing import Optional, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
-from fg_megatron.config.loader import load_config
+from fg_megatron.config.loader import ConfigError, load_config, to_dict
 
 T = TypeVar("T")
 
@@ -31,22 +38,27 @@ LAYERS_PER_STAGE_HELP = ("transformer layers on each pipeline stage, e.g. 2,1 (d
 
 # flag -> (dotted key, argparse kwargs)
 COMMON_FLAGS = {
-    "--tp": ("parallel.tp", dict(type=int, help="tensor-parallel size")),
-    "--pp": ("parallel.pp", dict(type=int, help="pipeline-parallel size")),
+    "--tp": ("parallel.tp", dict(type=int, metavar="N", help="tensor-parallel size")),
+    "--pp": ("parallel.pp", dict(type=int, metavar="N", help="pipeline-parallel size")),
     "--layers-per-stage": ("parallel.layers_per_stage", dict(type=layers_per_stage_arg, metavar="N,N,...",
                                                              help=LAYERS_PER_STAGE_HELP)),
-    "--load": ("model.load", dict(help="HF directory or fg checkpoint to start from")),
-    "--data": ("data.train", dict(help="training data file (JSONL or parquet); accepted row shapes and the "
-                                       "truncation settings: README.md, section 'Data formats'")),
-    "--save": ("train.save", dict(help="output directory (checkpoints, metrics.jsonl, tb/)")),
-    "--steps": ("train.steps", dict(type=int, help="optimizer steps")),
-    "--seed": ("train.seed", dict(type=int, help="random seed")),
-    "--lr": ("optim.lr", dict(type=float, help="peak learning rate")),
-    "--global-batch-size": ("train.global_batch_size", dict(type=int, help="samples per optimizer step")),
-    "--micro-batch-size": ("train.micro_batch_size", dict(type=int, help="samples per forward per DP rank")),
-    "--save-every": ("train.save_every", dict(type=int, help="checkpoint every N steps (0: at the end)")),
+    "--load": ("model.load", dict(metavar="PATH", help="HF directory or fg checkpoint to start from")),
+    "--data": ("data.train", dict(metavar="FILE", help="training data file (JSONL or parquet); accepted row shapes "
+                                                    "and the truncation settings: README.md, section 'Data formats'")),
+    "--save": ("train.save", dict(metavar="DIR", help="output directory (checkpoints, metrics.jsonl, tb/)")),
+    "--steps": ("train.steps", dict(type=int, metavar="N", help="optimizer steps")),
+    "--seed": ("train.seed", dict(type=int, metavar="N", help="random seed")),
+    "--lr": ("optim.lr", dict(type=float, metavar="LR", help="peak learning rate")),
+    "--global-batch-size": ("train.global_batch_size", dict(type=int, metavar="N", help="samples per optimizer step")),
+    "--micro-batch-size": ("train.micro_batch_size", dict(type=int, metavar="N",
+                                                          help="samples per forward per DP rank")),
+    "--save-every": ("train.save_every", dict(type=int, metavar="N", help="checkpoint every N steps (0: at the end)")),
     "--logprob-impl": ("model.logprob_impl", dict(choices=["auto", "triton", "torch", "megatron"],
                                                   help="sequence log-likelihood implementation")),
+    "--bf16": ("model.dtype", dict(nargs=0, const="bfloat16", help="short for --set model.dtype=bfloat16: on GPU, "
+                                   "megatron-core mixed precision (bf16 weights, fp32 main params in the optimizer)")),
+    "--fp16": ("model.dtype", dict(nargs=0, const="float16", help="short for --set model.dtype=float16: as --bf16, "
+                                   "plus dynamic loss scaling (optim.initial_loss_scale)")),
 }
 
 
@@ -55,36 +67,53 @@ def _constraint_flags(section: str) -> dict:
     return {
         "--constraint": (f"{section}.constraint", dict(choices=["none", "kd", "flipguard"],
                                                        help="update-regression constraint")),
-        "--gamma": (f"{section}.gamma", dict(type=float, help="weight of the constraint's CE term")),
-        "--epsilon": (f"{section}.epsilon", dict(type=float, help="FlipGuard gate threshold")),
+        "--gamma": (f"{section}.gamma", dict(type=float, metavar="X", help="weight of the constraint's CE term")),
+        "--epsilon": (f"{section}.epsilon", dict(type=float, metavar="X", help="FlipGuard gate threshold")),
     }
 
 
 PREFERENCE_FLAGS = {
     **_constraint_flags("dpo"),
-    "--beta": ("dpo.beta", dict(type=float, help="DPO temperature")),
+    "--beta": ("dpo.beta", dict(type=float, metavar="X", help="DPO temperature")),
     "--loss-type": ("dpo.loss_type", dict(choices=["sigmoid", "ipo", "hinge"], help="DPO loss")),
     "--reference": ("dpo.reference", dict(choices=["precompute", "online"],
                                           help="reference log-probs: precomputed first pass or online")),
 }
 
 RM_FLAGS = {
-    "--eval-data": ("data.eval", dict(help="held-out preference file for eval_accuracy")),
-    "--eval-every": ("train.eval_every", dict(type=int, help="evaluate every N steps and at the end (0: never)")),
+    "--eval-data": ("data.eval", dict(metavar="FILE", help="held-out preference file for eval_accuracy")),
+    "--eval-every": ("train.eval_every", dict(type=int, metavar="N",
+                                              help="evaluate every N steps and at the end (0: never)")),
     "--center-rewards-coefficient": ("rm.center_rewards_coefficient",
-                                     dict(type=float, help="TRL's reward-centering coefficient")),
+                                     dict(type=float, metavar="X", help="TRL's reward-centering coefficient")),
 }
 
 PPO_FLAGS = {
     **_constraint_flags("ppo"),
-    "--kl-coef": ("ppo.kl_coef", dict(type=float, help="per-token KL penalty coefficient")),
-    "--rollout-batch-size": ("ppo.rollout_batch_size", dict(type=int, help="prompts generated per iteration")),
+    "--kl-coef": ("ppo.kl_coef", dict(type=float, metavar="X", help="per-token KL penalty coefficient")),
+    "--rollout-batch-size": ("ppo.rollout_batch_size", dict(type=int, metavar="N",
+                                                            help="prompts generated per iteration")),
     "--reward-source": ("reward.source", dict(choices=["model", "oracle"], help="reward model or the task's judge")),
 }
 
+# The keys that name the user's own model or data: giving one (without --config) leaves the tiny config.
+USER_MODEL_KEYS = ("model.load", "data.train")
+TINY_SOURCE = "bundled tiny default"
+MODEL_SOURCE = "defaults for your model"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Docstring usage examples kept as written, each flag's default shown (none when it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
 
 class _Override(argparse.Action):
-    """Record ``(dotted key, value)`` in command-line order."""
+    """Record ``(dotted key, value)`` in command-line order (a flag without a value: its ``const``,
+    else True)."""
 
     def __init__(self, *args, key: str, **kwargs):
         self.key = key
@@ -94,17 +123,67 @@ class _Override(argparse.Action):
         overrides = getattr(namespace, "overrides", None) or []
         if self.key == "--set":
             overrides.append(values)
+        elif self.nargs == 0:
+            overrides.append((self.key, True if self.const is None else self.const))
         else:
             overrides.append((self.key, values))
         namespace.overrides = overrides
 
 
-def build_parser(description: str, flags: dict, default_config: Optional[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", default=default_config,
-                        help="YAML config (defaults to the bundled tiny run)")
+def _override_key(item: Any) -> str:
+    if isinstance(item, tuple):
+        return item[0]
+    return str(item).split("=", 1)[0].strip()
+
+
+def choose_config(config: Optional[str], overrides: Sequence[Any],
+                  default_config: Optional[str]) -> tuple[Optional[str], str]:
+    """The YAML a run starts from, and how to name it: ``(path or None, source)``.
+
+    ``--config FILE`` -> FILE.  Else, when the user gives their own model or data
+    (``--load`` / ``--data``, or ``--set model.load=`` / ``data.train=``) -> no file: the
+    dataclass defaults (fg_megatron/config/schema.py), sized for a real model, so the tiny
+    run's learning rate, lengths and steps never apply to it silently.  Else -> the tool's
+    bundled tiny config (``default_config``).
+    """
+    if config:
+        return config, config
+    if default_config is None or any(_override_key(o) in USER_MODEL_KEYS for o in overrides):
+        return None, MODEL_SOURCE
+    return default_config, f"{TINY_SOURCE} ({default_config})"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) if value else "[]"
+    return "none" if value is None else str(value)
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def build_parser(description: str, flags: dict, default_config: Optional[str], *,
+                 defaults: Optional[dict] = None, source: str = "", add_help: bool = True) -> argparse.ArgumentParser:
+    """``defaults``: the config tree the run would start from, shown as each flag's default."""
+    epilog = None
+    if source:
+        epilog = textwrap.fill(f"Defaults shown: {source}.  Without --config, --load or --data a run uses the "
+                               f"bundled tiny config ({default_config}); with your own --load or --data, the "
+                               f"defaults for a real model (fg_megatron/config/schema.py); --config FILE always "
+                               f"wins.")
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, add_help=add_help,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML config (default: the bundled tiny run's, unless --load or --data is given; "
+                             "see below)")
     for flag, (key, kwargs) in flags.items():
+        kwargs = dict(kwargs)
+        if defaults is not None and kwargs.get("nargs") != 0 and key != "parallel.layers_per_stage":
+            kwargs["help"] = f"{kwargs.get('help', '')} (default: {_show(_lookup(defaults, key))})"
         parser.add_argument(flag, action=_Override, key=key, dest=f"_{key}", default=None, **kwargs)
     parser.add_argument("--resume", action=_Override, key="train.resume", nargs=0, dest="_resume",
                         help="continue from the latest checkpoint in --save")
@@ -119,23 +198,54 @@ def build_parser(description: str, flags: dict, default_config: Optional[str]) -
 
 
 def parse_run_config(cls: type[T], argv: Optional[Sequence[str]], *, description: str,
-                     extra_flags: Optional[dict] = None, default_config: Optional[str] = None) -> T:
+                     extra_flags: Optional[dict] = None, default_config: Optional[str] = None,
+                     announce: bool = True) -> T:
+    """The run config from the command line; ``announce``: log its key values (rank 0)."""
     flags = dict(COMMON_FLAGS, **(extra_flags or {}))
-    parser = build_parser(description, flags, default_config)
-    args = parser.parse_args(argv)
+    # First pass (no --help): which config the run starts from, so --help can show its values.
+    probe, _ = build_parser(description, flags, default_config, add_help=False).parse_known_args(argv)
+    config, source = choose_config(probe.config, getattr(probe, "overrides", None) or [], default_config)
+    config_path = resolve_path(config) if config else None
+    try:
+        defaults = to_dict(load_config(cls, config_path))
+    except ConfigError:
+        defaults = to_dict(cls())
+    args = build_parser(description, flags, default_config, defaults=defaults, source=source).parse_args(argv)
     overrides = []
     allowed: list[str] = []
     for item in getattr(args, "overrides", None) or []:
-        if isinstance(item, tuple) and item[0] in ("train.resume", "train.overwrite"):
-            overrides.append((item[0], True))
-        elif isinstance(item, tuple) and item[0] == "train.allow_change":
+        if isinstance(item, tuple) and item[0] == "train.allow_change":
             allowed.append(item[1])
         else:
             overrides.append(item)
     if allowed:
         overrides.append(("train.allow_change", allowed))
-    config_path = resolve_path(args.config) if args.config else None
-    return load_config(cls, config_path, overrides)
+    cfg = load_config(cls, config_path, overrides)
+    if announce:
+        from fg_megatron.parallel import configure_logging, get_logger
+
+        configure_logging()
+        get_logger("config").info("%s", describe_run(cfg, source))
+    return cfg
+
+
+def describe_run(cfg: Any, source: str) -> str:
+    """The resolved config's key values, one compact block (logged at the start of every run)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = world // (tp * pp) if world % (tp * pp) == 0 else "?"
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    lengths = f"prompt <= {d.max_prompt_length}, response <= {d.max_response_length}"
+    if hasattr(cfg, "ppo"):
+        lengths += f", new tokens <= {cfg.ppo.max_new_tokens}"
+    return "\n".join([
+        f"config: {source}",
+        f"  model  {cfg.model.load} ({cfg.model.dtype}) | tp={tp} pp={pp} dp={dp}",
+        f"  data   {d.train} (format {d.format}) | {lengths}",
+        f"  batch  global {t.global_batch_size}, micro {t.micro_batch_size} | lr {o.lr:g} {o.lr_schedule}, "
+        f"warmup {o.warmup_steps}, min {o.min_lr:g}, weight decay {o.weight_decay:g} | steps {t.steps} "
+        f"| save {t.save}",
+    ])
 
 
 def resolve_path(path: str) -> str:

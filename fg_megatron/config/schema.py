@@ -6,6 +6,7 @@ Each field's comment is its documentation.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -95,11 +96,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # Defaults for a real model (the tiny configs set their own): DPO runs default to 1e-6
+    # (DPORunConfig: the DPO paper's and TRL's DPOConfig's), the other trainers to 5e-6.
     lr: float = 5e-6
     min_lr: float = 0.0  # floor of the cosine / linear decay
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    warmup_steps: int = 10  # linear warmup from 0 (10% of the default 100 steps)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -127,10 +130,13 @@ class OptimConfig:
                               f"(got {self.initial_loss_scale}, {self.loss_scale_window})")
 
 
+REPORT_TO = ("tensorboard", "wandb")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
-    global_batch_size: int = 8  # samples per optimizer step, whatever the layout
+    global_batch_size: int = 64  # samples per optimizer step, whatever the layout (the DPO paper's 64)
     micro_batch_size: int = 2  # samples per forward on one DP rank
     seed: int = 1234
     save: str = "runs/dpo"  # output directory: checkpoints, metrics.jsonl, tb/
@@ -146,7 +152,10 @@ class TrainConfig:
     # loss exceeds this factor times its recent maximum; 0 disables (NaN/inf always stops)
     divergence_factor: float = 3.0
     log_gated_ids: bool = False  # write the ids of FlipGuard-gated samples per step
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no tb/ whatever report_to says
+    # where per-step metrics go besides metrics.jsonl: tensorboard (SAVE/tb/) and/or wandb (needs
+    # `pip install wandb`; WANDB_MODE=offline logs without network); [] for metrics.jsonl only
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     eval_every: int = 0  # evaluate data.eval every N steps and at the end (0: never)
 
     def __post_init__(self) -> None:
@@ -163,6 +172,12 @@ class TrainConfig:
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1 or self.eval_every < 0:
             raise ConfigError("train.save_every, train.keep_last and train.eval_every must be >= 0, "
                               "train.log_every >= 1")
+        unknown = [r for r in self.report_to if r not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"train.report_to: {unknown[0]!r} is not one of {list(REPORT_TO)}")
+        if "wandb" in self.report_to and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.report_to lists wandb, which is not installed: pip install wandb "
+                              "(or drop it from train.report_to)")
 
 
 @dataclass
@@ -211,7 +226,9 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    rollout_batch_size: int = 32  # prompts generated per iteration (train.global_batch_size: per optimizer step)
+    # prompts generated per iteration, a multiple of train.global_batch_size (prompts per optimizer
+    # step): the default 128 gives two optimizer steps of the default 64 per rollout and epoch
+    rollout_batch_size: int = 128
     epochs: int = 1  # passes over each rollout
     max_new_tokens: int = 24  # response budget of the rollout
     temperature: float = 1.0  # sampling of y_pol (and y_ref): 0 is greedy
@@ -266,8 +283,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+def _dpo_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-6)  # the DPO paper's and TRL DPOConfig's learning rate
+
+
 @dataclass
 class DPORunConfig(RunConfig):
+    optim: OptimConfig = field(default_factory=_dpo_optim)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
 

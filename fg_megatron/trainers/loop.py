@@ -243,7 +243,8 @@ def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
     guard.start(_weight_norms(run))
     writer = MetricsWriter(run.save_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard,
                            total_steps=cfg.train.steps, log_every=cfg.train.log_every,
-                           resume_step=run.start_step, keys=task.progress_keys)
+                           resume_step=run.start_step, keys=task.progress_keys,
+                           report_to=cfg.train.report_to, run_config=to_dict(cfg))
     metrics: dict = {}
     history: list[dict] = []
     try:

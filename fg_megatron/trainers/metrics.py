@@ -1,5 +1,6 @@
 """Per-step metrics: ``SAVE/metrics.jsonl`` (one object per step), TensorBoard
-under ``SAVE/tb/``, and a progress line on stderr.  Rank 0 only."""
+under ``SAVE/tb/`` and/or Weights & Biases (``train.report_to``), and a progress
+line on stderr.  Rank 0 only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from fg_megatron.parallel import get_logger
 
@@ -24,20 +25,28 @@ def _fmt_seconds(sec: float) -> str:
 
 class MetricsWriter:
     def __init__(self, save_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int,
-                 log_every: int = 1, resume_step: int = 0, keys: tuple[str, ...] = ()) -> None:
+                 log_every: int = 1, resume_step: int = 0, keys: tuple[str, ...] = (),
+                 report_to: Sequence[str] = ("tensorboard",), run_config: Optional[dict] = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_every = max(1, log_every)
         self.keys = keys  # shown on the progress line
         self.path = Path(save_dir) / "metrics.jsonl"
         self.tb = None
+        self.wandb = None
         self.start = time.time()
         self.start_step = resume_step
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
-        if tensorboard:
+        if "wandb" in report_to:
+            import wandb  # train.report_to checked that it is installed
+
+            # WANDB_PROJECT / WANDB_MODE (offline: no network) etc. come from the environment.
+            self.wandb = wandb.init(name=Path(save_dir).name, dir=str(save_dir), config=run_config,
+                                    resume="allow" if resume_step else None)
+        if tensorboard and "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -69,6 +78,9 @@ class MetricsWriter:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
         if step % self.log_every == 0 or step == self.total_steps:
             self._progress(step, metrics)
 
@@ -86,6 +98,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def summary_table(title: str, rows: list[tuple[str, str]]) -> str:

@@ -25,7 +25,8 @@ from fg_megatron.config import ConfigError, to_dict
 
 # Free to differ: bookkeeping, not math (the layout is checked against the checkpoint itself).
 FREE = ("train.steps", "train.save", "train.save_every", "train.keep_last", "train.log_every", "train.resume",
-        "train.overwrite", "train.allow_change", "train.tensorboard", "train.eval_every", "train.log_gated_ids",
+        "train.overwrite", "train.allow_change", "train.tensorboard", "train.report_to", "train.eval_every",
+        "train.log_gated_ids",
         "train.micro_batch_size", "train.divergence_factor", "data.eval", "data.pad_multiple", "model.recompute",
         "parallel", "ppo.log_reference_rollouts")
 # Never changeable on resume: the saved weights and optimizer state are laid out for them.

@@ -30,7 +30,7 @@ args = p.parse_args()
 
 ctx = parallel.initialize(args.tp, 1, seed=7)
 part = load_part("policy", "assets/tiny/pi0", ctx, dtype=torch.float32, model_cfg=ModelConfig(), trainable=True,
-                 optim=OptimConfig(lr=1e-3), total_steps=4)
+                 optim=OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0), total_steps=4)
 parts = {"policy": part}
 state = {"task": {}, "trainer": "test", "config": {}}
 

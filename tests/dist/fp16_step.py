@@ -35,7 +35,8 @@ def run(dtype: torch.dtype) -> dict:
                                pp_rank=0, padded_vocab=padded_vocab_size(arch.vocab_size, 1)))
     model.load_state_dict({k: v.to(dtype) for k, v in shards.items()}, strict=False)
     # clip_grad 1.0 with grad norms ~5: clipping must engage in both dtypes
-    engine = build_engine(model, ctx, OptimConfig(lr=1e-3, clip_grad=1.0, initial_loss_scale=1024.0),
+    engine = build_engine(model, ctx, OptimConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0, clip_grad=1.0,
+                                                    initial_loss_scale=1024.0),
                           total_steps=3, dtype=dtype)
     before = {k: v.detach().double().clone() for k, v in engine.module.named_parameters()}
     g = torch.Generator().manual_seed(3)
