@@ -85,7 +85,14 @@ def resume_changes(saved: dict, cfg: Any, ckpt: Path, step: int) -> list[dict]:
     return [{"step": step, "field": k, "old": o, "new": n} for k, o, n in changes if k not in ignored]
 
 
+# Fields the lr schedule is built from besides optim.*: its length (PPO: train.steps x ppo.epochs x
+# rollout_batch_size / global_batch_size optimizer steps) and the critic's peak lr.
+SCHEDULE_FIELDS = ("train.steps", "train.global_batch_size", "ppo.epochs", "ppo.rollout_batch_size",
+                   "ppo.critic_lr")
+
+
 def rebuilds_schedule(history: list[dict], step: int) -> bool:
-    """Whether this resume changed an optimizer setting (the lr schedule is then rebuilt)."""
-    return any(h["step"] == step and (h["field"].startswith("optim.") or h["field"] == "ppo.critic_lr")
+    """Whether this resume changed an optimizer setting or the run's length (the lr schedule is
+    then rebuilt from the new values, continuing at the checkpoint's step count)."""
+    return any(h["step"] == step and (h["field"].startswith("optim.") or h["field"] in SCHEDULE_FIELDS)
                for h in history)
