@@ -65,7 +65,7 @@ class DataConfig:
     chat_template: bool = False  # render plain-string prompts as a user turn with the tokenizer's chat template
     group_batches: int = 16  # sort samples by length within buffers of this many global batches (0: off)
     pad_multiple: int = 8  # micro-batch sequence length rounded up to a multiple of this (fewer shapes)
-    eval: Optional[str] = None  # held-out file evaluated every train.eval_every steps (train_rm: eval_accuracy)
+    eval: Optional[str] = None  # held-out pairs scored every train.eval_every steps (train_rm, train_dpo: eval_*)
 
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1 or self.max_response_length < 1:
