@@ -281,6 +281,21 @@ def test_guard_rules():
 # -- faults ----------------------------------------------------------------------------------
 
 
+def test_torchrun_summary_ends_with_the_one_line_error(tmp_path):
+    # every rank fails after the process group is up; rank 0 says it, once, and torchrun's failure
+    # summary carries the same line (error file) instead of "To enable traceback see ..."
+    proc = torchrun(TRAIN, 2, *BASE, "--global-batch-size", "4", "--save", tmp_path / "s", check=False)
+    assert proc.returncode != 0
+    expected = "error: train.global_batch_size=4 must be a multiple of data-parallel size 2"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-3000:]
+    assert "To enable traceback" not in proc.stderr, proc.stderr[-3000:]
+    root = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0 " in root, root
+    last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().strip("=")][-1]
+    assert last.startswith(f"traceback : {expected}"), proc.stderr[-3000:]
+
+
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     save = tmp_path / "int"
     # SIG_DFL: a shell's background job (nohup ... &) would pass SIGINT on ignored, and Python then
