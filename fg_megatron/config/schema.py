@@ -112,7 +112,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
+    steps: Optional[int] = 100  # optimizer steps (null with train.epochs)
+    # passes over data.train instead of train.steps (train_dpo): steps = ceil(epochs * rows /
+    # global_batch_size), resolved once the data is read; a layer (config file, or the command
+    # line) that sets one of the two clears the other's value from the layers below
+    epochs: Optional[int] = None
     global_batch_size: int = 8  # samples per optimizer step, whatever the layout
     micro_batch_size: int = 2  # samples per forward on one DP rank
     seed: int = 1234
@@ -133,8 +137,15 @@ class TrainConfig:
     eval_every: int = 0  # evaluate data.eval every N steps and at the end (0: never)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"train.steps={self.steps} and train.epochs={self.epochs} are both set; set one "
+                              f"(train.steps=null to count epochs)")
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("set train.steps or train.epochs")
+        if self.steps is not None and self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1 (got {self.steps})")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1 (got {self.epochs})")
         if self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")

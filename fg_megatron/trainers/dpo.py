@@ -40,6 +40,7 @@ EVAL_KEYS = ("loss", "dpo_loss", "reward_accuracy", "reward_margin", "gate_rate"
 
 class DPOTask:
     name = "DPO"
+    counts_epochs = True  # train.epochs is resolved from data.train before the policy is built
     progress_keys = ("loss", "dpo_loss", "gate_rate", "chosen_drop_rate", "reward_accuracy", "reward_margin")
     summary_keys = ("loss", "dpo_loss", "ce_loss", "gate_rate", "reward_accuracy", "reward_margin", "eval_loss",
                     "eval_reward_accuracy", "eval_gate_rate")
@@ -48,8 +49,10 @@ class DPOTask:
         cfg = run.cfg
         self.run = run
         self.cfg = cfg
+        self.dataset = self._read(cfg.data.train)
+        run.resolve_steps(len(self.dataset))
         self.policy = run.load("policy", cfg.model.load, trainable=True)
-        self.dataset = self._dataset(cfg.data.train)
+        run.check_context(self.dataset)
         self.stream = self._new_stream()
         self.reference_logps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.eval_batches: Optional[list[Batch]] = None  # this DP replica's share of data.eval
@@ -62,11 +65,14 @@ class DPOTask:
                                  for i in range(0, len(mine), size)]
         self.reference: Optional[ModelPart] = None  # online reference: a frozen part kept for the run
 
-    def _dataset(self, path: str) -> PreferenceDataset:
+    def _read(self, path: str) -> PreferenceDataset:
         data = self.cfg.data
-        dataset = PreferenceDataset.from_file(resolve_path(path), self.run.tokenizer, data.max_prompt_length,
-                                              data.max_response_length, format=data.format,
-                                              chat_template=data.chat_template)
+        return PreferenceDataset.from_file(resolve_path(path), self.run.tokenizer, data.max_prompt_length,
+                                           data.max_response_length, format=data.format,
+                                           chat_template=data.chat_template)
+
+    def _dataset(self, path: str) -> PreferenceDataset:
+        dataset = self._read(path)
         self.run.check_context(dataset)
         return dataset
 

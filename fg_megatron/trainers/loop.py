@@ -10,8 +10,10 @@ bottom.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,21 @@ class Run:
 
     def free(self, name: str) -> None:
         free_part(self.parts, name)
+
+    def resolve_steps(self, rows: int) -> None:
+        """With ``train.epochs``: set ``train.steps`` to ceil(epochs * rows / global_batch_size)
+        once the task has read its ``rows`` training samples (before loading a trainable model)."""
+        train = self.cfg.train
+        if train.epochs is None:
+            return
+        steps = math.ceil(train.epochs * rows / train.global_batch_size)
+        if train.steps is not None and train.steps != steps:  # resumed: the checkpoint's count
+            raise ConfigError(f"train.epochs={train.epochs}: {rows} rows / train.global_batch_size="
+                              f"{train.global_batch_size} give {steps} steps, the run being resumed has "
+                              f"{train.steps}")
+        train.steps = steps
+        log.info("train.epochs=%d: %d rows / global batch %d -> train.steps=%d", train.epochs, rows,
+                 train.global_batch_size, steps)
 
     def check_context(self, dataset: Any, *, extra: int = 0, budget: str = "") -> None:
         """Every sample of ``dataset`` (``extra`` more tokens each: a generation budget named
@@ -167,7 +184,15 @@ def _check_resume(run: Run) -> None:
         log.info("--resume: no checkpoint in %s, starting from step 0", run.save_dir / "checkpoints")
         return
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    step, steps = int(state["step"]), run.cfg.train.steps
+    train, saved = run.cfg.train, (state.get("config") or {}).get("train", {})
+    step = int(state["step"])
+    if train.epochs is not None:
+        if saved.get("epochs") != train.epochs:
+            raise ConfigError(f"train.epochs={train.epochs}: the run in {run.save_dir} was trained with "
+                              f"train.epochs={saved.get('epochs')} ({saved.get('steps')} steps, at step {step}); "
+                              f"resume with the same value, or pass --steps M to extend it")
+        train.steps = int(saved["steps"])  # what the epochs resolved to (data and batch cannot change)
+    steps = train.steps
     if steps == step:
         raise RunFinished(f"run in {run.save_dir} already finished at step {step} (train.steps={steps}); "
                           f"pass --steps M to extend it")
@@ -238,6 +263,9 @@ def _latest_name(save_dir: Path) -> str:
 
 def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
     """Run a training job to completion; returns the last iteration's metrics."""
+    if cfg.train.epochs is not None and not getattr(make_task, "counts_epochs", False):
+        raise ConfigError(f"train.epochs: {getattr(make_task, 'name', 'this trainer')} counts train.steps; "
+                          f"set train.steps instead")
     try:
         run = setup_run(cfg)
     except RunFinished as exc:  # exit 0: models are never loaded
@@ -266,7 +294,10 @@ def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
         _log_new_schedule(run, state)
     if ctx.is_main:  # written only once the models, data and resume have been accepted
         run.save_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.save_dir / "config.yaml", run.history)
+        # with train.epochs, train.steps is derived: config.yaml keeps it null so that it loads again
+        written = cfg if cfg.train.epochs is None else dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, steps=None))
+        save_config(written, run.save_dir / "config.yaml", run.history)
     task.prepare(run)
     gc.collect()
 

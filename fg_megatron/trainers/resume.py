@@ -24,7 +24,7 @@ from typing import Any
 from fg_megatron.config import ConfigError, to_dict
 
 # Free to differ: bookkeeping, not math (the layout is checked against the checkpoint itself).
-FREE = ("train.steps", "train.save", "train.save_every", "train.keep_last", "train.log_every", "train.resume",
+FREE = ("train.steps", "train.epochs", "train.save", "train.save_every", "train.keep_last", "train.log_every", "train.resume",
         "train.overwrite", "train.allow_change", "train.tensorboard", "train.eval_every", "train.log_gated_ids",
         "train.micro_batch_size", "train.divergence_factor", "data.eval", "data.pad_multiple", "model.recompute",
         "parallel", "ppo.log_reference_rollouts")
