@@ -12,7 +12,10 @@ unless the user passes ``--allow-change FIELD`` (or a whole section:
 ``--allow-change dpo``): then it is applied for real from the resumed step
 (``optim.*`` rebuilds the lr schedule: :func:`fg_megatron.trainers.engine.apply_optim_config`)
 and recorded as ``{step, field, old, new}`` in the checkpoint and in
-``config.yaml``'s ``resume_history``.  The fields in :data:`FIXED` cannot
+``config.yaml``'s ``resume_history``.  A new ``train.steps`` (free, recorded the
+same way) rebuilds the lr schedule for the new length: megatron-core's scheduler
+built for the new number of optimizer steps, continuing at the checkpoint's
+count, so the decay runs on to the new end.  The fields in :data:`FIXED` cannot
 change at all: the checkpoint's tensors depend on them.
 """
 
