@@ -192,6 +192,8 @@ def _check_resume(run: Run) -> None:
                               f"train.epochs={saved.get('epochs')} ({saved.get('steps')} steps, at step {step}); "
                               f"resume with the same value, or pass --steps M to extend it")
         train.steps = int(saved["steps"])  # what the epochs resolved to (data and batch cannot change)
+    # a refused config change is reported first, even on a finished run
+    changes = resume.resume_changes(state.get("config") or {}, run.cfg, ckpt, step)
     steps = train.steps
     if steps == step:
         raise RunFinished(f"run in {run.save_dir} already finished at step {step} (train.steps={steps}); "
@@ -200,8 +202,7 @@ def _check_resume(run: Run) -> None:
         raise ConfigError(f"--steps {steps}: the run in {run.save_dir} is already at step {step} ({ckpt.name}); "
                           f"pass --steps {step + 1} or more to extend it, or start a new --save")
     verify_checkpoint(ckpt, run.ctx)
-    run.history = list(state.get("config_history", [])) + resume.resume_changes(state.get("config") or {}, run.cfg,
-                                                                                ckpt, step)
+    run.history = list(state.get("config_history", [])) + changes
     for change in run.history:
         if change["step"] == step:
             log.info("resume at step %d: %s %r -> %r", step, change["field"], change["old"], change["new"])
