@@ -292,3 +292,17 @@ def test_every_tool_help_has_metavars_help_text_and_readable_examples():
             assert rest.strip(), (tool, f"{flag.strip()} has no help text")
         for flag in re.findall(r"^  --[a-z0-9-]+ ([^\s{]+)", options, re.M):
             assert flag.isupper() or flag.startswith("N,") or flag == "G,G,...", (tool, flag)
+def test_epochs_or_steps_the_last_layer_that_sets_one_wins(tmp_path):
+    tiny = ROOT / "configs/dpo_tiny.yaml"  # sets train.steps: 120
+    cfg = load_config(DPORunConfig, tiny, ["train.epochs=2"])
+    assert (cfg.train.steps, cfg.train.epochs) == (None, 2)
+    with_epochs = tmp_path / "e.yaml"
+    with_epochs.write_text("train:\n  epochs: 3\n")
+    assert (load_config(DPORunConfig, with_epochs).train.epochs, load_config(DPORunConfig, with_epochs).train.steps) \
+        == (3, None)
+    assert load_config(DPORunConfig, with_epochs, [("train.steps", 5)]).train.epochs is None
+    with pytest.raises(ConfigError, match="train.steps=7 and train.epochs=2 are both set"):
+        parse_run_config(DPORunConfig, ["--set", "train.epochs=2", "--steps", "7"], description="",
+                         extra_flags=PREFERENCE_FLAGS, default_config=str(tiny))
+    with pytest.raises(ConfigError, match="train.epochs must be >= 1"):
+        load_config(DPORunConfig, tiny, ["train.epochs=0"])

@@ -87,6 +87,41 @@ def test_kd_step0_offset(tmp_path):
 
 
 @pytest.mark.distributed
+def test_eval_pairs_are_scored_the_same_on_every_layout_and_reference_mode(tmp_path):
+    pairs = tmp_path / "eval.jsonl"
+    pairs.write_text("".join((ROOT / "assets/tiny/data/pref_eval.jsonl").read_text().splitlines(True)[:10]))
+    args = ["--steps", "3", "--eval-data", pairs, "--eval-every", "2"]
+    _run(tmp_path / "tp1", 1, *args)
+    _run(tmp_path / "dp2", 2, *args, "--set", "dpo.reference=online")  # 5 pairs per replica, own reference
+    keys = ("eval_loss", "eval_dpo_loss", "eval_reward_accuracy", "eval_reward_margin", "eval_gate_rate")
+    a, b = _metrics(tmp_path / "tp1"), _metrics(tmp_path / "dp2")
+    assert [sorted(k for k in m if k.startswith("eval_")) for m in a] == [[], sorted(keys), sorted(keys)]
+    for ma, mb in zip(a[1:], b[1:]):
+        for key in keys:
+            assert math.isfinite(ma[key]) and abs(ma[key] - mb[key]) <= 1e-5, (key, ma[key], mb[key])
+    assert 0 <= a[2]["eval_reward_accuracy"] <= 1 and 0 <= a[2]["eval_gate_rate"] <= 1
+    assert a[2]["eval_reward_margin"] != 0 and a[2]["eval_loss"] >= a[2]["eval_dpo_loss"]
+
+
+@pytest.mark.distributed
+def test_epochs_resolve_to_steps_once_the_data_is_read(tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text("".join((ROOT / "assets/tiny/data/pref_train.jsonl").read_text().splitlines(True)[:20]))
+    args = [a for a in BASE if a not in ("--steps", "3")]
+    proc = torchrun(TRAIN, 1, *args, "--save", tmp_path / "e", "--data", rows, "--set", "train.epochs=1")
+    assert "train.epochs=1: 20 rows / global batch 8 -> train.steps=3" in proc.stdout + proc.stderr
+    assert [m["step"] for m in _metrics(tmp_path / "e")] == [1, 2, 3]
+    # config.yaml keeps the epochs (it loads again); the checkpoint knows the steps they resolved to
+    assert "epochs: 1" in (tmp_path / "e/config.yaml").read_text()
+    again = torchrun(TRAIN, 1, *args, "--save", tmp_path / "e", "--data", rows, "--set", "train.epochs=1", "--resume")
+    assert "already finished at step 3 (train.steps=3)" in again.stdout
+    line = tool_error(TRAIN, *BASE, "--save", tmp_path / "both", "--set", "train.epochs=1")
+    assert "train.steps=3 and train.epochs=1 are both set" in line
+    line = tool_error(ROOT / "tools/train_rm.py", "--save", tmp_path / "rm", "--set", "train.epochs=1")
+    assert "train.epochs: RM counts train.steps; set train.steps instead" in line
+
+
+@pytest.mark.distributed
 def test_kill_and_resume_reproduces_losses(tmp_path):
     args = ["--tp", "2", "--steps", "6", "--save-every", "2"]
     _run(tmp_path / "full", 2, *args)

@@ -105,6 +105,32 @@ def test_allowed_change_is_applied_and_recorded(base_run, tmp_path):
     assert {"step": 3, "field": "optim.lr", "old": 0.0005, "new": 0.0001} in again
 
 
+def test_resuming_a_finished_run_does_nothing_and_a_lower_steps_is_refused(base_run, tmp_path):
+    run = _copy(base_run, tmp_path)
+    config, metrics = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
+    proc = _train(run, "--steps", "3", "--resume")
+    out = proc.stdout + proc.stderr
+    assert f"run in {run} already finished at step 3 (train.steps=3); pass --steps M to extend it" in proc.stdout
+    assert "precomputing" not in out and "loaded" not in out.lower(), out[-3000:]
+    line = _one_line_error(_train(run, "--steps", "2", "--resume", check=False))
+    assert "--steps 2: the run in" in line and "already at step 3" in line and "--steps 4 or more" in line
+    assert (run / "config.yaml").read_text() == config and (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_extending_a_run_rebuilds_the_schedule_for_the_new_length(base_run, tmp_path):
+    run = _copy(base_run, tmp_path)
+    proc = _train(run, "--steps", "5", "--resume")
+    assert "train.steps 3 -> 5: lr schedule rebuilt" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    # cosine over the new 5 steps, continuing at step 3 (the old schedule had decayed to 0 there)
+    for m in metrics:
+        total = 3 if m["step"] <= 3 else 5
+        assert m["lr"] == pytest.approx(0.5 * 5e-4 * (1 + math.cos(math.pi * (m["step"] - 1) / total)), rel=1e-9), m
+    history = yaml.safe_load((run / "config.yaml").read_text())["resume_history"]
+    assert {"step": 3, "field": "train.steps", "old": 3, "new": 5} in history
+
+
 def test_resume_verifies_checksums(base_run, tmp_path):
     run = _copy(base_run, tmp_path)
     optim = run / "checkpoints/step_000003/optim_tp00_pp00.safetensors"
@@ -253,6 +279,21 @@ def test_guard_rules():
 
 
 # -- faults ----------------------------------------------------------------------------------
+
+
+def test_torchrun_summary_ends_with_the_one_line_error(tmp_path):
+    # every rank fails after the process group is up; rank 0 says it, once, and torchrun's failure
+    # summary carries the same line (error file) instead of "To enable traceback see ..."
+    proc = torchrun(TRAIN, 2, *BASE, "--global-batch-size", "4", "--save", tmp_path / "s", check=False)
+    assert proc.returncode != 0
+    expected = "error: train.global_batch_size=4 must be a multiple of data-parallel size 2"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr[-3000:]
+    assert "To enable traceback" not in proc.stderr, proc.stderr[-3000:]
+    root = proc.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 0 " in root, root
+    last = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip().strip("=")][-1]
+    assert last.startswith(f"traceback : {expected}"), proc.stderr[-3000:]
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):

@@ -97,6 +97,21 @@ def test_kill_and_resume_reproduces_the_next_iteration(tmp_path):
 
 
 @pytest.mark.distributed
+def test_resume_with_more_steps_rebuilds_both_schedules(tmp_path):
+    import json
+
+    save = tmp_path / "run"
+    _run(save, 1, "--tp", "1", "--set", "optim.lr_schedule=cosine")
+    proc = _run(save, 1, "--tp", "1", "--set", "optim.lr_schedule=cosine", "--steps", "2", "--resume")
+    # 8 prompts per rollout / 4 per optimizer step: 2 updates per iteration, 4 for the extended run
+    assert "train.steps 1 -> 2: lr schedule rebuilt" in proc.stderr + proc.stdout
+    state = json.loads((save / "checkpoints/step_000002/trainer_state.json").read_text())
+    for name in ("actor", "critic"):
+        assert state["schedulers"][name]["lr_decay_steps"] == 4 and state["schedulers"][name]["num_steps"] == 4
+    assert [m["step"] for m in read_metrics(save)] == [1, 2]
+
+
+@pytest.mark.distributed
 @pytest.mark.parametrize("constraint,log_ref", [("none", False), ("none", True), ("kd", False)])
 def test_reference_rollouts_per_constraint(tmp_path, constraint, log_ref):
     _run(tmp_path / "r", 1, "--constraint", constraint, "--set", f"ppo.log_reference_rollouts={str(log_ref).lower()}",

@@ -72,8 +72,16 @@ def _constraint_flags(section: str) -> dict:
     }
 
 
+EVAL_FLAGS = {
+    "--eval-data": ("data.eval", dict(metavar="FILE",
+                                      help="held-out preference file scored every --eval-every steps (eval_*)")),
+    "--eval-every": ("train.eval_every", dict(type=int, metavar="N",
+                                              help="evaluate every N steps and at the end (0: never)")),
+}
+
 PREFERENCE_FLAGS = {
     **_constraint_flags("dpo"),
+    **EVAL_FLAGS,
     "--beta": ("dpo.beta", dict(type=float, metavar="X", help="DPO temperature")),
     "--loss-type": ("dpo.loss_type", dict(choices=["sigmoid", "ipo", "hinge"], help="DPO loss")),
     "--reference": ("dpo.reference", dict(choices=["precompute", "online"],
@@ -81,9 +89,7 @@ PREFERENCE_FLAGS = {
 }
 
 RM_FLAGS = {
-    "--eval-data": ("data.eval", dict(metavar="FILE", help="held-out preference file for eval_accuracy")),
-    "--eval-every": ("train.eval_every", dict(type=int, metavar="N",
-                                              help="evaluate every N steps and at the end (0: never)")),
+    **EVAL_FLAGS,
     "--center-rewards-coefficient": ("rm.center_rewards_coefficient",
                                      dict(type=float, metavar="X", help="TRL's reward-centering coefficient")),
 }

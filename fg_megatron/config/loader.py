@@ -190,18 +190,20 @@ def load_config(cls: type[T], path: Optional[Union[str, Path]] = None,
             raise ConfigError(f"{path}: top level must be a mapping")
         # A run's config.yaml records its resumes' changes; the record is not a setting.
         loaded = {k: v for k, v in loaded.items() if k != HISTORY_KEY}
-        tree = _merge(tree, loaded)
+        tree = _clear_exclusive(_merge(tree, loaded), set(_dotted_keys(loaded)))
         try:
             _build(cls, tree, "")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    applied = []
+    applied, given = [], set()
     for item in overrides:
         key, value = parse_override(item) if isinstance(item, str) else item
         probe: dict = {}
         _set_dotted(probe, key, value)
         tree = _merge(tree, probe)
         applied.append(f"{key}={value!r}")
+        given.update(_dotted_keys(probe))
+    tree = _clear_exclusive(tree, given)
     try:
         return _build(cls, tree, "")
     except ConfigError as exc:
@@ -210,6 +212,29 @@ def load_config(cls: type[T], path: Optional[Union[str, Path]] = None,
 
 
 HISTORY_KEY = "resume_history"
+
+# Pairs of fields that say one thing two ways: a layer (the config file, or the overrides) that
+# sets one of them drops the other's value from the layers below; setting both in one layer is
+# left to the schema's check.
+EXCLUSIVE = (("train.steps", "train.epochs"),)
+
+
+def _dotted_keys(tree: Mapping, prefix: str = "") -> Iterable[str]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _clear_exclusive(tree: dict, given: set) -> dict:
+    for pair in EXCLUSIVE:
+        for mine, other in (pair, pair[::-1]):
+            if mine in given and other not in given:
+                probe: dict = {}
+                _set_dotted(probe, other, None)
+                tree = _merge(tree, probe)
+    return tree
 
 
 def save_config(obj: Any, path: Union[str, Path], history: Optional[list[dict]] = None) -> None:

@@ -71,7 +71,7 @@ class DataConfig:
     chat_template: bool = False  # render plain-string prompts as a user turn with the tokenizer's chat template
     group_batches: int = 16  # sort samples by length within buffers of this many global batches (0: off)
     pad_multiple: int = 8  # micro-batch sequence length rounded up to a multiple of this (fewer shapes)
-    eval: Optional[str] = None  # held-out file evaluated every train.eval_every steps (train_rm: eval_accuracy)
+    eval: Optional[str] = None  # held-out pairs scored every train.eval_every steps (train_rm, train_dpo: eval_*)
 
     def truncation(self) -> dict:
         """The datasets' truncation keywords (``PreferenceDataset.from_file(..., **data.truncation())``)."""
@@ -135,7 +135,11 @@ REPORT_TO = ("tensorboard", "wandb")
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
+    steps: Optional[int] = 100  # optimizer steps (null with train.epochs)
+    # passes over data.train instead of train.steps (train_dpo): steps = ceil(epochs * rows /
+    # global_batch_size), resolved once the data is read; a layer (config file, or the command
+    # line) that sets one of the two clears the other's value from the layers below
+    epochs: Optional[int] = None
     global_batch_size: int = 64  # samples per optimizer step, whatever the layout (the DPO paper's 64)
     micro_batch_size: int = 2  # samples per forward on one DP rank
     seed: int = 1234
@@ -159,8 +163,15 @@ class TrainConfig:
     eval_every: int = 0  # evaluate data.eval every N steps and at the end (0: never)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError(f"train.steps={self.steps} and train.epochs={self.epochs} are both set; set one "
+                              f"(train.steps=null to count epochs)")
+        if self.steps is None and self.epochs is None:
+            raise ConfigError("set train.steps or train.epochs")
+        if self.steps is not None and self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1 (got {self.steps})")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1 (got {self.epochs})")
         if self.micro_batch_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} must be a positive multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")

@@ -8,6 +8,12 @@ micro-batches training will see (then the reference model is freed), or
 computed online by a second, frozen model.  Computing them on the same
 micro-batch shapes makes step 0 exact: policy == reference bit for bit, so the
 implicit rewards are 0 and the FlipGuard gate (strict ``>``) is closed.
+
+With ``data.eval`` and ``train.eval_every`` the held-out pairs are scored every
+N steps and at the end (forward only, each DP replica a share, the same
+log-prob and loss code as training; their reference log-probs are precomputed
+with the training ones, or computed online): ``eval_loss``, ``eval_dpo_loss``,
+``eval_reward_accuracy``, ``eval_reward_margin``, ``eval_gate_rate``.
 """
 
 from __future__ import annotations
@@ -29,26 +35,46 @@ from fg_megatron.trainers.parts import ModelPart, check_same_vocabulary
 log = get_logger("dpo")
 
 DPO_SUM_KEYS = METRIC_SUM_KEYS + ("tokens",)
+EVAL_KEYS = ("loss", "dpo_loss", "reward_accuracy", "reward_margin", "gate_rate")  # logged as eval_*
 
 
 class DPOTask:
     name = "DPO"
+    counts_epochs = True  # train.epochs is resolved from data.train before the policy is built
     progress_keys = ("loss", "dpo_loss", "gate_rate", "chosen_drop_rate", "reward_accuracy", "reward_margin")
-    summary_keys = ("loss", "dpo_loss", "ce_loss", "gate_rate", "reward_accuracy", "reward_margin")
+    summary_keys = ("loss", "dpo_loss", "ce_loss", "gate_rate", "reward_accuracy", "reward_margin", "eval_loss",
+                    "eval_reward_accuracy", "eval_gate_rate")
 
     def __init__(self, run: Run) -> None:
         cfg = run.cfg
         self.run = run
         self.cfg = cfg
+        self.dataset = self._read(cfg.data.train)
+        run.resolve_steps(len(self.dataset))
         self.policy = run.load("policy", cfg.model.load, trainable=True)
-        self.dataset = PreferenceDataset.from_file(resolve_path(cfg.data.train), run.tokenizer,
-                                                   cfg.data.max_prompt_length, cfg.data.max_response_length,
-                                                   format=cfg.data.format,
-                                                   chat_template=cfg.data.chat_template, **cfg.data.truncation())
         run.check_context(self.dataset)
         self.stream = self._new_stream()
         self.reference_logps: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.eval_batches: Optional[list[Batch]] = None  # this DP replica's share of data.eval
+        self.eval_reference_logps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if cfg.data.eval and cfg.train.eval_every:
+            eval_dataset = self._dataset(cfg.data.eval)
+            mine = list(range(len(eval_dataset)))[run.ctx.dp_rank::run.ctx.dp]
+            size = cfg.train.micro_batch_size
+            self.eval_batches = [eval_dataset.collate(mine[i:i + size], pad_multiple=cfg.data.pad_multiple)
+                                 for i in range(0, len(mine), size)]
         self.reference: Optional[ModelPart] = None  # online reference: a frozen part kept for the run
+
+    def _read(self, path: str) -> PreferenceDataset:
+        data = self.cfg.data
+        return PreferenceDataset.from_file(resolve_path(path), self.run.tokenizer, data.max_prompt_length,
+                                           data.max_response_length, format=data.format,
+                                           chat_template=data.chat_template, **data.truncation())
+
+    def _dataset(self, path: str) -> PreferenceDataset:
+        dataset = self._read(path)
+        self.run.check_context(dataset)
+        return dataset
 
     def _new_stream(self) -> MicroBatchStream:
         return MicroBatchStream.from_config(self.dataset, self.cfg.data, self.cfg.train,
@@ -89,6 +115,10 @@ class DPOTask:
                 self.reference_logps[step] = logps
             if step % max(1, total // 10) == 0 or step == total:
                 log.info("reference log-probs: %d/%d steps", step, total)
+        if self.eval_batches is not None:
+            logps = self._reference_forward(part, self.eval_batches)
+            if run.ctx.is_last_stage:
+                self.eval_reference_logps = logps
         if not same_as_policy:
             run.free("reference")
 
@@ -100,6 +130,9 @@ class DPOTask:
             refs = self._reference_forward(self.reference, microbatches)
         else:
             refs = self.reference_logps.pop(step, [])
+        return self._with_reference(microbatches, refs)
+
+    def _with_reference(self, microbatches: list[Batch], refs: list) -> list[Batch]:
         if self.run.ctx.is_last_stage:
             for mb, (chosen, rejected) in zip(microbatches, refs, strict=True):
                 mb["ref_chosen"], mb["ref_rejected"] = chosen, rejected
@@ -131,7 +164,25 @@ class DPOTask:
             gathered: list[Optional[list]] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, [i for s in stats for i in s["gated_ids"]] if owns_outputs(ctx) else [])
             metrics["gated_ids"] = sorted(i for part in gathered for i in (part or []))
+        every = self.cfg.train.eval_every
+        if self.eval_batches is not None and (step % every == 0 or step == self.cfg.train.steps):
+            metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})
         return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """The preference loss and its metrics over every held-out pair, forward only."""
+        if self.reference is not None:
+            refs = self._reference_forward(self.reference, self.eval_batches)
+        else:
+            refs = self.eval_reference_logps
+        batches = self._with_reference(self.eval_batches, refs)
+
+        def score(head, batch):
+            return self._loss(head, batch)[2]
+
+        sums = reduce_stats(self.run.ctx, DPO_SUM_KEYS, self.policy.forward(batches, score))
+        samples = max(sums["samples"], 1.0)
+        return {k: sums[k] / samples for k in EVAL_KEYS}
 
     def state_dict(self) -> dict:
         return {"data": self.stream.state_dict()}

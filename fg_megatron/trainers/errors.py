@@ -1,12 +1,20 @@
-"""How entry points fail: one line naming what and where, a non-zero exit."""
+"""How entry points fail: one line naming what and where, a non-zero exit.
+
+Under torchrun the failing worker also writes that line to torch elastic's error
+file (``TORCHELASTIC_ERROR_FILE``, the JSON that torch's ``record`` decorator
+writes), so torchrun's failure summary ends with ``traceback : error: <the
+line>`` instead of a pointer to the docs; a bug's traceback goes there too.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,7 +44,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-RANK0_GRACE_SECONDS = 2.0
+# How long a rank other than 0 waits before reporting a user error: most bad input fails on
+# every rank at once, and rank 0 (which may be slower under load) should be the one to say it.
+RANK0_GRACE_SECONDS = 10.0
 
 # Where a training loop is, for the line printed on Ctrl-C (set by trainers.loop).
 RUN_PROGRESS: dict = {}
@@ -94,16 +104,48 @@ def run_cli(fn: Callable[[], object]) -> None:
     except RuntimeError as exc:
         msg = _collective_failure(exc)
         if msg is None:
+            _write_error_file(None)
             raise
-        _exit_with_line(rank, msg, 1)
+        _exit_with_line(rank, msg, 1, consequence=True)
+    except Exception:  # a bug: torchrun's summary shows its traceback
+        _write_error_file(None)
+        raise
 
 
-def _exit_with_line(rank: str, msg: str, code: int) -> None:
+def _write_error_file(line: Optional[str], consequence: bool = False) -> None:
+    """Write torch elastic's error file (when torchrun asked for one) in the format of
+    ``torch.distributed.elastic.multiprocessing.errors.ErrorHandler.record_exception``:
+    ``line`` as the message and the traceback torchrun prints, or (None) the exception
+    being handled with its traceback.  torchrun names the failure with the earliest timestamp
+    (whole seconds; ties go to the lower rank) as the root cause: a ``consequence`` of another
+    rank's failure is dated a second later so that rank's own error wins."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    if line is None:
+        exc = sys.exc_info()[1]
+        line, callstack = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+    else:
+        callstack = line
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": callstack,
+                                                       "timestamp": str(int(time.time()) + consequence)}}}
+    try:
+        with open(path, "w", encoding="utf-8") as fp:
+            json.dump(data, fp)
+    except OSError:  # the line on stderr still says it
+        pass
+
+
+def _exit_with_line(rank: str, msg: str, code: int, consequence: bool = False) -> None:
     if rank != "0":
-        # Most bad input fails on every rank at once; the first rank to exit makes torchrun
-        # stop the others, so give rank 0 the moment it needs to say it once, unprefixed.
+        # The first rank to exit makes torchrun stop the others, so give rank 0 the moment it
+        # needs to say it once, unprefixed; torchrun's SIGTERM then ends this rank silently.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(RANK0_GRACE_SECONDS)
-    print(f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}", file=sys.stderr, flush=True)
+    line = f"error: {msg}" if rank == "0" else f"error (rank {rank}): {msg}"
+    _write_error_file(line, consequence)
+    print(line, file=sys.stderr, flush=True)
     # Skip interpreter teardown: other ranks may still sit in a collective.
     sys.stderr.flush()
     os._exit(code)

@@ -10,8 +10,10 @@ bottom.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,21 @@ class Run:
 
     def free(self, name: str) -> None:
         free_part(self.parts, name)
+
+    def resolve_steps(self, rows: int) -> None:
+        """With ``train.epochs``: set ``train.steps`` to ceil(epochs * rows / global_batch_size)
+        once the task has read its ``rows`` training samples (before loading a trainable model)."""
+        train = self.cfg.train
+        if train.epochs is None:
+            return
+        steps = math.ceil(train.epochs * rows / train.global_batch_size)
+        if train.steps is not None and train.steps != steps:  # resumed: the checkpoint's count
+            raise ConfigError(f"train.epochs={train.epochs}: {rows} rows / train.global_batch_size="
+                              f"{train.global_batch_size} give {steps} steps, the run being resumed has "
+                              f"{train.steps}")
+        train.steps = steps
+        log.info("train.epochs=%d: %d rows / global batch %d -> train.steps=%d", train.epochs, rows,
+                 train.global_batch_size, steps)
 
     def check_context(self, dataset: Any, *, extra: int = 0, budget: str = "") -> None:
         """Every sample of ``dataset`` (``extra`` more tokens each: a generation budget named
@@ -158,6 +175,10 @@ def _claim_save_dir(cfg: Any, ctx: ParallelContext) -> Optional[rundir.RunLock]:
     return lock
 
 
+class RunFinished(Exception):
+    """--resume of a run whose latest checkpoint is already at train.steps: nothing to do."""
+
+
 def _check_resume(run: Run) -> None:
     """Before any model is loaded: verify the checkpoint --resume continues and check the new
     config against the one it was trained with (:mod:`.resume`)."""
@@ -165,11 +186,26 @@ def _check_resume(run: Run) -> None:
     if ckpt is None:
         log.info("--resume: no checkpoint in %s, starting from step 0", run.save_dir / "checkpoints")
         return
-    verify_checkpoint(ckpt, run.ctx)
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    train, saved = run.cfg.train, (state.get("config") or {}).get("train", {})
     step = int(state["step"])
-    run.history = list(state.get("config_history", [])) + resume.resume_changes(state.get("config") or {}, run.cfg,
-                                                                                ckpt, step)
+    if train.epochs is not None:
+        if saved.get("epochs") != train.epochs:
+            raise ConfigError(f"train.epochs={train.epochs}: the run in {run.save_dir} was trained with "
+                              f"train.epochs={saved.get('epochs')} ({saved.get('steps')} steps, at step {step}); "
+                              f"resume with the same value, or pass --steps M to extend it")
+        train.steps = int(saved["steps"])  # what the epochs resolved to (data and batch cannot change)
+    # a refused config change is reported first, even on a finished run
+    changes = resume.resume_changes(state.get("config") or {}, run.cfg, ckpt, step)
+    steps = train.steps
+    if steps == step:
+        raise RunFinished(f"run in {run.save_dir} already finished at step {step} (train.steps={steps}); "
+                          f"pass --steps M to extend it")
+    if steps < step:
+        raise ConfigError(f"--steps {steps}: the run in {run.save_dir} is already at step {step} ({ckpt.name}); "
+                          f"pass --steps {step + 1} or more to extend it, or start a new --save")
+    verify_checkpoint(ckpt, run.ctx)
+    run.history = list(state.get("config_history", [])) + changes
     for change in run.history:
         if change["step"] == step:
             log.info("resume at step %d: %s %r -> %r", step, change["field"], change["old"], change["new"])
@@ -200,6 +236,23 @@ def setup_run(cfg: Any) -> Run:
     return run
 
 
+def _log_new_schedule(run: Run, state: dict) -> None:
+    """One line when the resume changed the run's length: each trainable part's lr schedule
+    now decays to the new end, continuing at the checkpoint's optimizer step count."""
+    old_steps = next((h["old"] for h in run.history
+                      if h["step"] == run.start_step and h["field"] == "train.steps"), None)
+    if old_steps is None or not run.rebuild_schedule:
+        return
+    parts = []
+    for name, part in run.parts.items():
+        if part.trainable:
+            saved = state["schedulers"][name]
+            parts.append(f"{name} {saved.get('lr_decay_steps')} -> {part.engine.scheduler.lr_decay_steps} "
+                         f"optimizer steps, continuing at {saved.get('num_steps')}")
+    log.info("train.steps %s -> %s: lr schedule rebuilt to decay to the new end (%s)", old_steps,
+             run.cfg.train.steps, "; ".join(parts))
+
+
 def _weight_norms(run: Run) -> dict[str, float]:
     return {name: weight_norm(part.module, run.ctx) for name, part in run.parts.items() if part.trainable}
 
@@ -214,7 +267,16 @@ def _latest_name(save_dir: Path) -> str:
 
 def train(cfg: Any, make_task: Callable[[Run], Task]) -> dict:
     """Run a training job to completion; returns the last iteration's metrics."""
-    run = setup_run(cfg)
+    if cfg.train.epochs is not None and not getattr(make_task, "counts_epochs", False):
+        raise ConfigError(f"train.epochs: {getattr(make_task, 'name', 'this trainer')} counts train.steps; "
+                          f"set train.steps instead")
+    try:
+        run = setup_run(cfg)
+    except RunFinished as exc:  # exit 0: models are never loaded
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(str(exc), flush=True)
+        parallel.shutdown()
+        return {}
     try:
         return _train(run, make_task)
     finally:
@@ -233,9 +295,13 @@ def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
         task.load_state_dict(state["task"])
         run.start_step = int(state["step"])
         log.info("resumed from %s (step %d)", run.resume_from, run.start_step)
+        _log_new_schedule(run, state)
     if ctx.is_main:  # written only once the models, data and resume have been accepted
         run.save_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.save_dir / "config.yaml", run.history)
+        # with train.epochs, train.steps is derived: config.yaml keeps it null so that it loads again
+        written = cfg if cfg.train.epochs is None else dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, steps=None))
+        save_config(written, run.save_dir / "config.yaml", run.history)
     task.prepare(run)
     gc.collect()
 

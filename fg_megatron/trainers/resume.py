@@ -12,7 +12,10 @@ unless the user passes ``--allow-change FIELD`` (or a whole section:
 ``--allow-change dpo``): then it is applied for real from the resumed step
 (``optim.*`` rebuilds the lr schedule: :func:`fg_megatron.trainers.engine.apply_optim_config`)
 and recorded as ``{step, field, old, new}`` in the checkpoint and in
-``config.yaml``'s ``resume_history``.  The fields in :data:`FIXED` cannot
+``config.yaml``'s ``resume_history``.  A new ``train.steps`` (free, recorded the
+same way) rebuilds the lr schedule for the new length: megatron-core's scheduler
+built for the new number of optimizer steps, continuing at the checkpoint's
+count, so the decay runs on to the new end.  The fields in :data:`FIXED` cannot
 change at all: the checkpoint's tensors depend on them.
 """
 
@@ -24,9 +27,9 @@ from typing import Any
 from fg_megatron.config import ConfigError, to_dict
 
 # Free to differ: bookkeeping, not math (the layout is checked against the checkpoint itself).
-FREE = ("train.steps", "train.save", "train.save_every", "train.keep_last", "train.log_every", "train.resume",
-        "train.overwrite", "train.allow_change", "train.tensorboard", "train.report_to", "train.eval_every",
-        "train.log_gated_ids",
+FREE = ("train.steps", "train.epochs", "train.save", "train.save_every", "train.keep_last", "train.log_every",
+        "train.resume", "train.overwrite", "train.allow_change", "train.tensorboard", "train.report_to",
+        "train.eval_every", "train.log_gated_ids",
         "train.micro_batch_size", "train.divergence_factor", "data.eval", "data.pad_multiple", "model.recompute",
         "parallel", "ppo.log_reference_rollouts")
 # Never changeable on resume: the saved weights and optimizer state are laid out for them.
@@ -86,7 +89,14 @@ def resume_changes(saved: dict, cfg: Any, ckpt: Path, step: int) -> list[dict]:
     return [{"step": step, "field": k, "old": o, "new": n} for k, o, n in changes if k not in ignored]
 
 
+# Fields the lr schedule is built from besides optim.*: its length (PPO: train.steps x ppo.epochs x
+# rollout_batch_size / global_batch_size optimizer steps) and the critic's peak lr.
+SCHEDULE_FIELDS = ("train.steps", "train.global_batch_size", "ppo.epochs", "ppo.rollout_batch_size",
+                   "ppo.critic_lr")
+
+
 def rebuilds_schedule(history: list[dict], step: int) -> bool:
-    """Whether this resume changed an optimizer setting (the lr schedule is then rebuilt)."""
-    return any(h["step"] == step and (h["field"].startswith("optim.") or h["field"] == "ppo.critic_lr")
+    """Whether this resume changed an optimizer setting or the run's length (the lr schedule is
+    then rebuilt from the new values, continuing at the checkpoint's step count)."""
+    return any(h["step"] == step and (h["field"].startswith("optim.") or h["field"] in SCHEDULE_FIELDS)
                for h in history)
