@@ -257,3 +257,35 @@ def test_runs_never_mix_in_one_save_dir(tmp_path):
     line = changed.stderr.strip().splitlines()[-1]
     assert "data.max_prompt_length was 64" in line and "now 32" in line
     assert (save / "checkpoints/latest").read_text() == "step_000001"  # untouched
+
+
+def test_first_hour_own_model_and_long_hh_file(tmp_path):
+    """Issue 12's acceptance run: a user's own HF model directory and an HH-RLHF-shaped file with
+    300-word prompts, no --config: the run prints its resolved settings and a data summary that
+    counts the truncated prompts, and trains with the defaults for a real model."""
+    import random
+    import shutil
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran to the big red house where many people live".split()
+    rows = []
+    for _ in range(16):
+        post = " ".join(rng.choice(words) for _ in range(300))
+        rows.append({"chosen": f"\n\nHuman: Summarise this: {post}\n\nAssistant: a cat story",
+                     "rejected": f"\n\nHuman: Summarise this: {post}\n\nAssistant: no"})
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tmp_path / "my_model"
+    shutil.copytree(ROOT / "assets/tiny/pi0", model)
+    save = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN), "--load", str(model), "--data", str(data), "--save", str(save),
+                           "--steps", "2", "--global-batch-size", "16", "--micro-batch-size", "8"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "config: defaults for your model" in err
+    assert "lr 1e-06 cosine, warmup 10, min 0, weight decay 0.1" in err
+    assert f"data {data}: 16 pairs, format hh_rlhf" in err
+    assert "16 of 16 pairs truncated by max_prompt_length=192" in err and "16 prompts cut from the left" in err
+    metrics = _metrics(save)
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[1]["lr"] == pytest.approx(1e-6)
