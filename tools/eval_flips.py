@@ -24,11 +24,11 @@ from fg_megatron.trainers.errors import run_cli
 
 
 def main(a: argparse.Namespace) -> None:
-    if a.plot and not have_matplotlib():
-        raise ConfigError("--plot needs matplotlib, which is not installed: pip install -e '.[plot]'")
     for path, flag in ((a.out, "--out"), (a.plot, "--plot")):
         if path:
             check_output_file(path, flag)  # now, not after the evaluation
+    if a.plot and not have_matplotlib():
+        raise ConfigError("--plot needs matplotlib, which is not installed: pip install -e '.[plot]'")
     report = compare(load_rows(a.pi0), load_rows(a.pi), judge=a.judge, score_field=a.score_field, margin=a.margin,
                      group_by=None if a.group_by == "none" else a.group_by)
     print(format_table(report))
