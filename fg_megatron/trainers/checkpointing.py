@@ -223,11 +223,6 @@ def _prune(root: Path, keep_last: int, current: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def existing_checkpoints(save_dir: Path) -> list[Path]:
-    root = Path(save_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
-
-
 def latest_checkpoint(save_dir: Path) -> Optional[Path]:
     pointer = Path(save_dir) / "checkpoints" / LATEST
     if not pointer.is_file():
