@@ -68,3 +68,38 @@ def tool_error(script: Path, *args: str) -> str:
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-3000:]
     return errors[0]
+
+
+def torchrun_nodes(script: str | Path, nnodes: int, nproc_per_node: int, *args: str, timeout: float = 600,
+                   env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """``nnodes`` torchrun agents ("nodes") of ``nproc_per_node`` processes each on this host, meeting
+    through a c10d rendezvous on 127.0.0.1 as agents on separate machines would (README
+    "Several machines").  Every agent must exit 0."""
+    script = Path(script)
+    if not script.is_absolute():
+        script = DIST_DIR / script
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+           "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", f"fg-test-{os.getpid()}",
+           str(script), *map(str, args)]
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), full_env.get("PYTHONPATH", "")])
+    if env:
+        full_env.update(env)
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(nnodes)]
+    procs = []
+    try:
+        for agent in agents:
+            out, err = agent.communicate(timeout=timeout)
+            procs.append(subprocess.CompletedProcess(cmd, agent.returncode, out, err))
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    for node, proc in enumerate(procs):
+        if proc.returncode != 0:
+            raise AssertionError(f"agent {node} of {nnodes} failed (rc={proc.returncode}):\n"
+                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return procs
