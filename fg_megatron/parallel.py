@@ -173,6 +173,26 @@ def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
+def sequence_parallel_error(tp: int, pad_multiple: int) -> Optional[str]:
+    """Why ``model.sequence_parallel`` cannot run here (None: it can).
+
+    megatron-core scatters the sequence over the TP ranks outside the tensor-parallel regions:
+    it needs TP > 1, its local layer spec asserts under it (only the Transformer Engine spec
+    supports it, and TE needs CUDA, hence NCCL), and every micro-batch's length must split
+    evenly over TP (``data.pad_multiple``)."""
+    if tp < 2:
+        return f"model.sequence_parallel needs tensor parallelism (parallel.tp > 1, got {tp}); drop it at tp=1"
+    if not platform.is_transformer_engine_usable():
+        here = ("NCCL here, but Transformer Engine is not installed" if platform.cuda_available()
+                else "gloo on this machine: no CUDA GPU")
+        return (f"model.sequence_parallel needs the NCCL backend and Transformer Engine ({here}): megatron-core's "
+                f"local layer spec asserts under it; set model.sequence_parallel=false")
+    if pad_multiple % tp:
+        return (f"model.sequence_parallel splits each sequence over parallel.tp={tp} ranks: data.pad_multiple="
+                f"{pad_multiple} must be a multiple of {tp}")
+    return None
+
+
 def initialize(tp: int = 1, pp: int = 1, *, seed: int = 1234, num_kv_heads: Optional[int] = None,
                num_heads: Optional[int] = None, num_layers: Optional[int] = None,
                timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,

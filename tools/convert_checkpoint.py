@@ -36,7 +36,7 @@ from fg_megatron.checkpoint import convert  # noqa: E402
 from fg_megatron.checkpoint.atomic import OutputExistsError  # noqa: E402
 from fg_megatron.checkpoint.layout import DTYPE_NAMES  # noqa: E402
 from fg_megatron.checkpoint.mapping import CheckpointMismatchError  # noqa: E402
-from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, layers_per_stage_arg  # noqa: E402
+from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, layers_per_stage_arg, option_names  # noqa: E402
 from fg_megatron.models.arch import ModelConfigError  # noqa: E402
 from fg_megatron.parallel import ParallelLayoutError  # noqa: E402
 
@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
     def layout(p: argparse.ArgumentParser, default: int | None) -> None:
-        p.add_argument("--tp", type=positive_int, default=default, required=default is None, help="tensor-parallel size")
-        p.add_argument("--pp", type=positive_int, default=default, required=default is None, help="pipeline-parallel size")
+        for flag, what in (("--tp", "tensor"), ("--pp", "pipeline")):
+            p.add_argument(*option_names(flag), type=positive_int, default=default, required=default is None,
+                           help=f"{what}-parallel size")
         p.add_argument("--vocab-pad-multiple", type=positive_int, default=None,
                        help="pad the vocabulary to a multiple of this x TP (default 128, or the checkpoint's)")
         p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None, metavar="N,N,...",

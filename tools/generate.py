@@ -15,7 +15,7 @@ for any layout.
 
 import argparse
 
-from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, HelpFormatter, layers_per_stage_arg
+from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, HelpFormatter, layers_per_stage_arg, option_names
 from fg_megatron.generation.runner import generate_file
 from fg_megatron.trainers.errors import run_cli
 
@@ -25,8 +25,8 @@ if __name__ == "__main__":
     p.add_argument("--prompts", required=True, metavar="FILE",
                    help="JSONL (or parquet) rows with a prompt or prompt_ids")
     p.add_argument("--out", required=True, metavar="FILE", help="output JSONL")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel size")
+    p.add_argument(*option_names("--tp"), type=int, default=1, metavar="N", help="tensor-parallel size")
+    p.add_argument(*option_names("--pp"), type=int, default=1, metavar="N", help="pipeline-parallel size")
     p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None, metavar="N,N,...",
                    help=LAYERS_PER_STAGE_HELP)
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="response budget per prompt")

@@ -12,7 +12,7 @@ row's last real token) and "n_tokens" instead.
 
 import argparse
 
-from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, HelpFormatter, layers_per_stage_arg
+from fg_megatron.config.cli import LAYERS_PER_STAGE_HELP, HelpFormatter, layers_per_stage_arg, option_names
 from fg_megatron.eval.score import score_file
 from fg_megatron.trainers.errors import run_cli
 
@@ -21,8 +21,8 @@ if __name__ == "__main__":
     p.add_argument("--load", required=True, metavar="PATH", help="HF directory or fg checkpoint")
     p.add_argument("--data", required=True, metavar="FILE", help="JSONL (or parquet) rows to score")
     p.add_argument("--out", required=True, metavar="FILE", help="output JSONL")
-    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel size")
+    p.add_argument(*option_names("--tp"), type=int, default=1, metavar="N", help="tensor-parallel size")
+    p.add_argument(*option_names("--pp"), type=int, default=1, metavar="N", help="pipeline-parallel size")
     p.add_argument("--layers-per-stage", type=layers_per_stage_arg, default=None, metavar="N,N,...",
                    help=LAYERS_PER_STAGE_HELP)
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per forward per DP rank")

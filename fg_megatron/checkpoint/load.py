@@ -136,8 +136,8 @@ def load_stage_state(model: torch.nn.Module, tensors: Iterator[tuple[str, Tensor
 
 def load_model(path: Path | str, ctx: ParallelContext, *, dtype: Optional[torch.dtype] = None,
                vocab_pad_multiple: Optional[int] = None, family: Optional[str] = None,
-               use_te: Optional[bool] = None, recompute: bool = False, head: Optional[str] = None
-               ) -> tuple[torch.nn.Module, ModelArch, CheckpointMeta]:
+               use_te: Optional[bool] = None, recompute: str = "none", sequence_parallel: bool = False,
+               head: Optional[str] = None) -> tuple[torch.nn.Module, ModelArch, CheckpointMeta]:
     """This rank's pipeline stage, loaded from an HF directory or an fg checkpoint.
 
     ``dtype`` defaults to the checkpoint's; ``vocab_pad_multiple`` to 128 for HF
@@ -167,7 +167,7 @@ def load_model(path: Path | str, ctx: ParallelContext, *, dtype: Optional[torch.
                     layers_per_stage=meta.layers_per_stage)
     model = build_gpt_model(arch, tp=ctx.tp, pp=ctx.pp, pp_rank=ctx.pp_rank, dtype=dtype or meta.torch_dtype,
                             vocab_pad_multiple=meta.vocab_pad_multiple, use_te=use_te, recompute=recompute,
-                            layers_per_stage=meta.layers_per_stage)
+                            sequence_parallel=sequence_parallel, layers_per_stage=meta.layers_per_stage)
     load_stage_state(model, tensors, str(path))
     if dtype is not None:
         meta.dtype = dtype_name(dtype)

@@ -36,6 +36,15 @@ def layers_per_stage_arg(text: str) -> list[int]:
 LAYERS_PER_STAGE_HELP = ("transformer layers on each pipeline stage, e.g. 2,1 (default: an fg checkpoint's own "
                          "split, else even, else the first stages get one layer more)")
 
+# Megatron-LM's names, accepted wherever a tool takes --tp / --pp (the one table of aliases).
+FLAG_ALIASES = {"--tp": ("--tensor-model-parallel-size",), "--pp": ("--pipeline-model-parallel-size",)}
+
+
+def option_names(flag: str) -> tuple[str, ...]:
+    """``flag`` and its aliases, for ``parser.add_argument(*option_names("--tp"), ...)``."""
+    return (flag, *FLAG_ALIASES.get(flag, ()))
+
+
 # flag -> (dotted key, argparse kwargs)
 COMMON_FLAGS = {
     "--tp": ("parallel.tp", dict(type=int, metavar="N", help="tensor-parallel size")),
@@ -53,6 +62,11 @@ COMMON_FLAGS = {
     "--micro-batch-size": ("train.micro_batch_size", dict(type=int, metavar="N",
                                                           help="samples per forward per DP rank")),
     "--save-every": ("train.save_every", dict(type=int, metavar="N", help="checkpoint every N steps (0: at the end)")),
+    "--recompute": ("model.recompute", dict(choices=["none", "selective", "full"],
+                                            help="activation recomputation of trainable models: selective "
+                                                 "(core attention) or full (every layer)")),
+    "--sequence-parallel": ("model.sequence_parallel", dict(nargs=0, help="Megatron sequence parallelism "
+                            "(TP > 1, NCCL and Transformer Engine only; not yet verified on a GPU)")),
     "--logprob-impl": ("model.logprob_impl", dict(choices=["auto", "triton", "torch", "megatron"],
                                                   help="sequence log-likelihood implementation")),
     "--bf16": ("model.dtype", dict(nargs=0, const="bfloat16", help="short for --set model.dtype=bfloat16: on GPU, "
@@ -190,7 +204,7 @@ def build_parser(description: str, flags: dict, default_config: Optional[str], *
         kwargs = dict(kwargs)
         if defaults is not None and kwargs.get("nargs") != 0 and key != "parallel.layers_per_stage":
             kwargs["help"] = f"{kwargs.get('help', '')} (default: {_show(_lookup(defaults, key))})"
-        parser.add_argument(flag, action=_Override, key=key, dest=f"_{key}", default=None, **kwargs)
+        parser.add_argument(*option_names(flag), action=_Override, key=key, dest=f"_{key}", default=None, **kwargs)
     parser.add_argument("--resume", action=_Override, key="train.resume", nargs=0, dest="_resume",
                         help="continue from the latest checkpoint in --save")
     parser.add_argument("--overwrite", action=_Override, key="train.overwrite", nargs=0, dest="_overwrite",

@@ -14,6 +14,7 @@ from fg_megatron.config.loader import ConfigError
 from fg_megatron.parallel import ParallelLayoutError, check_layers_per_stage
 
 LogprobImpl = Literal["auto", "triton", "torch", "megatron"]
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -46,7 +47,15 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     logprob_impl: LogprobImpl = "auto"  # auto: fused Triton kernel on CUDA, chunked torch elsewhere
     vocab_pad_multiple: int = 128  # vocabulary padded to a multiple of this x TP
-    recompute: bool = False  # full activation recomputation (saves memory, costs a forward)
+    # activation recomputation of trainable models (frozen ones keep no activations): none;
+    # selective (megatron-core's core attention: memory of the s^2 scores, little compute);
+    # full (every layer reruns its forward in the backward: ~1/3 more compute).  true/false
+    # (configs written before the choice existed) read as full/none.
+    recompute: str = "none"
+    # Megatron's sequence parallelism (TP > 1): norms and dropout work on s/tp of the sequence.
+    # Needs NCCL and Transformer Engine (megatron-core's local spec asserts under it); refused
+    # on gloo / CPU before any model loads.  Not yet verified on a GPU.
+    sequence_parallel: bool = False
     # lm: next-token head (policies); value: a scalar per token (reward models, critics).
     # A value model loaded from a causal-LM checkpoint gets a zero-initialised value head.
     head: Literal["lm", "value"] = "lm"
@@ -54,6 +63,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.vocab_pad_multiple < 1:
             raise ConfigError(f"model.vocab_pad_multiple must be >= 1 (got {self.vocab_pad_multiple})")
+        # The one place old configs' boolean recompute is read (YAML true arrives here as "True").
+        self.recompute = {"true": "full", "false": "none"}.get(str(self.recompute).lower(), self.recompute)
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"model.recompute must be one of {list(RECOMPUTE_MODES)} (got {self.recompute!r})")
 
 
 @dataclass
@@ -161,6 +174,9 @@ class TrainConfig:
     # `pip install wandb`; WANDB_MODE=offline logs without network); [] for metrics.jsonl only
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     eval_every: int = 0  # evaluate data.eval every N steps and at the end (0: never)
+    # one GPU's peak TFLOP/s for the `mfu` metric (tflops / peak); null: the dense bf16/fp16 (or
+    # fp32/TF32) peak of a recognised GPU (trainers/throughput.py), else no mfu
+    peak_tflops: Optional[float] = None
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -183,6 +199,8 @@ class TrainConfig:
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1 or self.eval_every < 0:
             raise ConfigError("train.save_every, train.keep_last and train.eval_every must be >= 0, "
                               "train.log_every >= 1")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"train.peak_tflops must be > 0 or null (got {self.peak_tflops})")
         unknown = [r for r in self.report_to if r not in REPORT_TO]
         if unknown:
             raise ConfigError(f"train.report_to: {unknown[0]!r} is not one of {list(REPORT_TO)}")

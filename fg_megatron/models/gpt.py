@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fg_megatron import platform
+from fg_megatron.config.schema import RECOMPUTE_MODES
 from fg_megatron.models.arch import VALUE_HEAD, ModelArch, rope_inv_freq
 from fg_megatron.parallel import stage_layer_counts
 
@@ -79,9 +80,27 @@ def pipeline_layout(counts: Sequence[int]) -> Optional[list[list[str]]]:
     return layout
 
 
+def recompute_settings(mode: str) -> dict:
+    """megatron-core's recompute fields for ``model.recompute``.
+
+    selective: megatron-core's default ``recompute_modules`` (``core_attn``: the attention
+    scores, softmax and weighted sum, the activations that grow with s^2) are recomputed in
+    the backward; full: every transformer layer keeps only its input and reruns its forward
+    (uniform method, one layer per checkpoint), as Megatron-LM's ``--recompute-granularity full
+    --recompute-method uniform --recompute-num-layers 1``.
+    """
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        return dict(recompute_granularity="selective")
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    raise ValueError(f"recompute must be one of {RECOMPUTE_MODES} (got {mode!r})")
+
+
 def transformer_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype = torch.float32,
-                       perform_initialization: bool = False, recompute: bool = False,
-                       layers_per_stage: Optional[Sequence[int]] = None):
+                       perform_initialization: bool = False, recompute: str = "none",
+                       sequence_parallel: bool = False, layers_per_stage: Optional[Sequence[int]] = None):
     """megatron-core ``TransformerConfig`` for this architecture and layout; the pipeline
     split is :func:`~fg_megatron.parallel.stage_layer_counts` of ``layers_per_stage``."""
     from megatron.core.transformer import TransformerConfig
@@ -132,8 +151,11 @@ def transformer_config(arch: ModelArch, *, tp: int, pp: int, dtype: torch.dtype 
     if arch.sliding_window is not None:
         # HF Mistral: position i sees j when i - j < window (itself included).
         kwargs["window_size"] = (arch.sliding_window - 1, 0)
-    if recompute:
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(recompute_settings(recompute))
+    if sequence_parallel:
+        # megatron-core scatters activations along the sequence between TP ranks outside the
+        # tensor-parallel regions; only its Transformer Engine spec supports it (parallel.sequence_parallel_error).
+        kwargs["sequence_parallel"] = True
     return TransformerConfig(**kwargs)
 
 
@@ -151,6 +173,21 @@ def layer_spec(arch: ModelArch, use_te: Optional[bool] = None):
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def _gather_sequence(hidden_states: Tensor) -> Tensor:
+    """Sequence parallel: the last stage's ``[s/tp, b, h]`` shard -> the whole ``[s, b, h]``.
+
+    megatron-core's output layer gathers the same way before its vocab-parallel matmul, but it
+    reduce-scatters the gradient in the backward (``tensor_parallel_output_grad=True``) because
+    the gather replaces its all-reduce.  Our heads keep their own: the log-prob code puts
+    ``copy_to_tensor_model_parallel_region`` (all-reduce in the backward) on ``LMHead.hidden``, and
+    a value head's gradient is already whole on every TP rank.  So the backward here only
+    splits (``tensor_parallel_output_grad=False``): all-reduce then split = reduce-scatter.
+    """
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+
+
 def _gpt_model_class():
     from megatron.core.models.gpt import GPTModel
 
@@ -160,6 +197,8 @@ def _gpt_model_class():
         def _postprocess(self, hidden_states, *args, **kwargs):
             if not self.post_process:
                 return hidden_states
+            if self.config.sequence_parallel:
+                hidden_states = _gather_sequence(hidden_states)
             if getattr(self, "value_head", None) is not None:
                 # fp32 for the scalar head whatever the model dtype: it is one dot product per
                 # token, and rewards / advantages are differences of these values.
@@ -263,7 +302,7 @@ def _check_layer_numbers(model, arch: ModelArch, pp: int, pp_rank: int,
 def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
                     dtype: torch.dtype = torch.float32,
                     vocab_pad_multiple: int = DEFAULT_VOCAB_PAD_MULTIPLE,
-                    use_te: Optional[bool] = None, recompute: bool = False,
+                    use_te: Optional[bool] = None, recompute: str = "none", sequence_parallel: bool = False,
                     perform_initialization: bool = False, layers_per_stage: Optional[Sequence[int]] = None):
     """This rank's pipeline stage of the model, on this process's device.
 
@@ -273,7 +312,8 @@ def build_gpt_model(arch: ModelArch, *, tp: int, pp: int, pp_rank: int,
     rank in megatron-core's pipeline group (an uneven split's layout reads it from there).
     """
     config = transformer_config(arch, tp=tp, pp=pp, dtype=dtype, perform_initialization=perform_initialization,
-                                recompute=recompute, layers_per_stage=layers_per_stage)
+                                recompute=recompute, sequence_parallel=sequence_parallel,
+                                layers_per_stage=layers_per_stage)
     value = arch.head == VALUE_HEAD
     model_cls = _gpt_model_class()
     model = model_cls(

@@ -27,6 +27,7 @@ from fg_megatron.config import DPORunConfig
 from fg_megatron.config.cli import resolve_path
 from fg_megatron.data import MicroBatchStream, PreferenceDataset
 from fg_megatron.losses import METRIC_SUM_KEYS, preference_loss
+from fg_megatron.models.flops import sequences_forward_flops, training_flops
 from fg_megatron.parallel import get_logger
 from fg_megatron.schedule import Batch
 from fg_megatron.trainers.loop import Run, owns_outputs, reduce_stats, train
@@ -34,7 +35,7 @@ from fg_megatron.trainers.parts import ModelPart, check_same_vocabulary
 
 log = get_logger("dpo")
 
-DPO_SUM_KEYS = METRIC_SUM_KEYS + ("tokens",)
+DPO_SUM_KEYS = METRIC_SUM_KEYS + ("tokens", "flops")
 EVAL_KEYS = ("loss", "dpo_loss", "reward_accuracy", "reward_margin", "gate_rate")  # logged as eval_*
 
 
@@ -150,8 +151,19 @@ class DPOTask:
                               rejected_token_counts=counts[b:])
         stats = {k: float(v) for k, v in out.metric_sums.items()}
         stats["tokens"] = float(batch["lengths"].sum())
+        stats["flops"] = float(self._flops(batch))
         stats["gated_ids"] = [batch["ids"][i] for i in torch.nonzero(out.gate).flatten().tolist()]
         return out.losses.sum(), b, stats
+
+    def _flops(self, batch: Batch) -> int:
+        """Model FLOPs of one micro-batch's step: the policy's forward + backward over chosen and
+        rejected, plus the online reference's forward (a precomputed reference runs in prepare
+        and is not counted in any step)."""
+        lengths = batch["lengths"].tolist()
+        flops = training_flops(self.policy.arch, lengths)
+        if self.reference is not None:
+            flops += sequences_forward_flops(self.reference.arch, lengths)
+        return flops
 
     def step(self, step: int) -> dict:
         ctx = self.run.ctx
@@ -159,7 +171,7 @@ class DPOTask:
         sums = reduce_stats(ctx, DPO_SUM_KEYS, stats)
         samples = max(sums["samples"], 1.0)
         metrics = {k: sums[k] / samples for k in METRIC_SUM_KEYS if k != "samples"}
-        metrics.update(tokens=sums["tokens"], lr=info["lr"], grad_norm=info["grad_norm"])
+        metrics.update(tokens=sums["tokens"], flops=sums["flops"], lr=info["lr"], grad_norm=info["grad_norm"])
         if self.cfg.train.log_gated_ids:
             gathered: list[Optional[list]] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, [i for s in stats for i in s["gated_ids"]] if owns_outputs(ctx) else [])

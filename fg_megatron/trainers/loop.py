@@ -36,6 +36,7 @@ from fg_megatron.trainers.engine import NonFiniteLossError, model_dtype
 from fg_megatron.trainers.guard import DivergenceError, DivergenceGuard, weight_norm
 from fg_megatron.trainers.metrics import MetricsWriter, summary_table
 from fg_megatron.trainers.parts import ModelPart, free_part, load_part
+from fg_megatron.trainers.throughput import device_peak_tflops, throughput_metrics
 
 log = get_logger("train")
 
@@ -215,6 +216,10 @@ def _check_resume(run: Run) -> None:
 
 def setup_run(cfg: Any) -> Run:
     resume.check_allow_change(cfg)
+    if cfg.model.sequence_parallel:  # refused before any process group or model exists
+        problem = parallel.sequence_parallel_error(cfg.parallel.tp, cfg.data.pad_multiple)
+        if problem is not None:
+            raise ConfigError(problem)
     rundir.check_writable(Path(cfg.train.save))
     ctx = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.train.seed,
                               timeout_minutes=cfg.parallel.timeout_minutes,
@@ -305,6 +310,8 @@ def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
     task.prepare(run)
     gc.collect()
 
+    peak = cfg.train.peak_tflops or device_peak_tflops(run.dtype)
+    log.info("mfu: peak %s", f"{peak:g} TFLOP/s per GPU" if peak else "unknown (set train.peak_tflops)")
     guard = DivergenceGuard(cfg.train.divergence_factor)
     guard.start(_weight_norms(run))
     writer = MetricsWriter(run.save_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard,
@@ -323,6 +330,7 @@ def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
                 raise NonFiniteLossError(f"step {step}: {exc}; latest checkpoint: {_latest_name(run.save_dir)}") from None
             seconds = time.perf_counter() - start
             metrics.update(step_seconds=seconds, tokens_per_second=metrics.pop("tokens", 0.0) / max(seconds, 1e-9))
+            metrics.update(throughput_metrics(metrics.get("flops"), seconds, ctx.world_size, peak))
             norms = _weight_norms(run)
             metrics["weight_norm"] = norms[run.primary]
             writer.write(step, metrics)
@@ -357,6 +365,9 @@ def final_summary(task: Task, cfg: Any, history: list[dict]) -> str:
     if "gate_rate" in task.summary_keys and "gate_rate" in last:
         rows.append(("mean gate_rate", f"{sum(h['gate_rate'] for h in history) / len(history):.3f}"))
     rows.append(("tokens/s (mean)", f"{sum(h['tokens_per_second'] for h in history) / len(history):.0f}"))
+    for key, label, fmt in (("tflops", "TFLOP/s per GPU (mean)", ".3g"), ("mfu", "MFU (mean)", ".1%")):
+        if key in last:
+            rows.append((label, f"{sum(h[key] for h in history) / len(history):{fmt}}"))
     rows.append(("steps", f"{len(history)} (to step {cfg.train.steps})"))
     ckpt = Path(cfg.train.save) / "checkpoints"
     rows.append(("checkpoint", f"{ckpt}/step_{cfg.train.steps:06d}/model"))

@@ -61,7 +61,8 @@ def load_part(name: str, path: str, ctx: ParallelContext, *, dtype: torch.dtype,
     """Load ``path`` as part ``name``: with DDP + optimizer + scheduler when ``trainable``
     (``optim``: an OptimConfig; ``total_steps``: the scheduler's length), else frozen."""
     model, arch, meta = load_model(path, ctx, dtype=dtype, vocab_pad_multiple=model_cfg.vocab_pad_multiple,
-                                   recompute=model_cfg.recompute and trainable, head=head)
+                                   recompute=model_cfg.recompute if trainable else "none",
+                                   sequence_parallel=model_cfg.sequence_parallel, head=head)
     engine = None
     if trainable:
         engine = build_engine(model, ctx, optim, total_steps, dtype)

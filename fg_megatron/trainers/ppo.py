@@ -185,6 +185,7 @@ class PPOTask:
             "lr": a_info["lr"], "critic_lr": c_info["lr"],
             "grad_norm": a_info["grad_norm"], "critic_grad_norm": c_info["grad_norm"],
             "tokens": r["tokens"],
+            "flops": r["flops"],
         }
         if self.rollouts.with_reference:
             metrics["reward_ref"] = r["reward_ref"] / prompts

@@ -31,7 +31,7 @@ FREE = ("train.steps", "train.epochs", "train.save", "train.save_every", "train.
         "train.resume", "train.overwrite", "train.allow_change", "train.tensorboard", "train.report_to",
         "train.eval_every", "train.log_gated_ids",
         "train.micro_batch_size", "train.divergence_factor", "data.eval", "data.pad_multiple", "model.recompute",
-        "parallel", "ppo.log_reference_rollouts")
+        "model.sequence_parallel", "train.peak_tflops", "parallel", "ppo.log_reference_rollouts")
 # Never changeable on resume: the saved weights and optimizer state are laid out for them.
 FIXED = ("model.load", "model.head", "model.dtype", "model.vocab_pad_multiple")
 

@@ -24,6 +24,7 @@ from fg_megatron.config import ConfigError, RMRunConfig
 from fg_megatron.config.cli import resolve_path
 from fg_megatron.data import DataFormatError, MicroBatchStream, PreferenceDataset
 from fg_megatron.losses import REWARD_METRIC_KEYS, REWARD_SUM_KEYS, reward_loss
+from fg_megatron.models.flops import training_flops
 from fg_megatron.models.gpt import sequence_scores
 from fg_megatron.parallel import get_logger
 from fg_megatron.schedule import Batch
@@ -31,7 +32,7 @@ from fg_megatron.trainers.loop import Run, reduce_stats, train
 
 log = get_logger("rm")
 
-RM_SUM_KEYS = REWARD_SUM_KEYS + ("tokens",)
+RM_SUM_KEYS = REWARD_SUM_KEYS + ("tokens", "flops")
 
 
 def pair_margins(dataset: PreferenceDataset) -> list[float]:
@@ -86,6 +87,7 @@ class RewardModelTask:
                           center_coefficient=self.cfg.rm.center_rewards_coefficient)
         stats = {k: float(v) for k, v in out.metric_sums.items()}
         stats["tokens"] = float(batch["lengths"].sum())
+        stats["flops"] = float(training_flops(self.model.arch, batch["lengths"].tolist()))  # forward + backward
         return out.losses.sum(), b, stats
 
     def step(self, step: int) -> dict:
@@ -94,8 +96,9 @@ class RewardModelTask:
             for mb in microbatches:
                 mb["margin"] = torch.tensor([self.margins[i] for i in mb["sample_idx"].tolist()])
         stats, info = self.model.train_step(microbatches, self._loss)
-        metrics = self._means(reduce_stats(self.run.ctx, RM_SUM_KEYS, stats))
-        metrics.update(lr=info["lr"], grad_norm=info["grad_norm"])
+        sums = reduce_stats(self.run.ctx, RM_SUM_KEYS, stats)
+        metrics = self._means(sums)
+        metrics.update(flops=sums["flops"], lr=info["lr"], grad_norm=info["grad_norm"])
         every = self.cfg.train.eval_every
         if self.eval_dataset is not None and (step % every == 0 or step == self.cfg.train.steps):
             metrics.update({f"eval_{k}": v for k, v in self.evaluate().items()})

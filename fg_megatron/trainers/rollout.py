@@ -35,6 +35,7 @@ from fg_megatron.data.sampler import split_global_batch
 from fg_megatron.generation.engine import generate_ids
 from fg_megatron.generation.sampling import SamplingParams, row_seed
 from fg_megatron.losses import (gae, kd_targets_ref, masked_moments, ppo_flip_gate, token_rewards, whiten)
+from fg_megatron.models.flops import generation_flops, sequences_forward_flops, training_flops
 from fg_megatron.models.gpt import sequence_scores
 from fg_megatron.schedule import Batch
 from fg_megatron.trainers.loop import Run
@@ -42,7 +43,7 @@ from fg_megatron.trainers.parts import ModelPart
 
 # Sums over the rollout, for the iteration's metrics.
 ROLLOUT_SUM_KEYS = ("prompts", "reward", "reward_ref", "gate", "kl", "response_tokens", "eos", "entropy",
-                    "entropy_tokens", "tokens")
+                    "entropy_tokens", "tokens", "flops")
 
 
 def response_aligned(x: Tensor, prompt_lengths: Tensor, length: int) -> Tensor:
@@ -152,8 +153,29 @@ class RolloutMaker:
         scores = self._scores(actor_batches)
         if ctx.is_last_stage:
             self._advantages(flat, old_logp, ref_logp, values, scores, stats)
+            stats["flops"] = float(self.iteration_flops(flat))
         stats["rollout_seconds"] = time.perf_counter() - start
         return minis, stats
+
+    def iteration_flops(self, flat: list[RolloutBatch]) -> int:
+        """Model FLOPs of one PPO iteration over this rank's rollout: generating every actor row
+        (y_pol by the actor, y_ref by the reference: KV cache, each row at its own prompt and
+        response length), the actor's and the reference's log-prob forwards and the reward model's
+        forward over the actor rows, the critic's forward over the y_pol rows, and per ppo.epochs
+        the actor's and the critic's forward + backward (PPOTask.step)."""
+        act, ref, crit = self.actor.arch, self.reference.arch, self.critic.arch
+        flops = 0
+        for rb in flat:
+            a, c = rb.actor, rb.critic
+            rows = a["lengths"].tolist()
+            for i, (p, n) in enumerate(zip(a["prompt_lengths"].tolist(), rows)):
+                flops += generation_flops(act if i < a["n_pol"] else ref, p, n - p)
+            flops += sequences_forward_flops(act, rows) + sequences_forward_flops(ref, rows)
+            if self.reward is not None:
+                flops += sequences_forward_flops(self.reward.arch, rows)
+            flops += sequences_forward_flops(crit, c["lengths"].tolist())
+            flops += self.cfg.ppo.epochs * (training_flops(act, rows) + training_flops(crit, c["lengths"].tolist()))
+        return flops
 
     def _advantages(self, flat: list[RolloutBatch], old_logp: list[Tensor], ref_logp: list[Tensor],
                     values: list[Tensor], scores: list[Tensor], stats: dict) -> None:

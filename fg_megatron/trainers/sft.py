@@ -11,10 +11,11 @@ from fg_megatron.config import SFTRunConfig
 from fg_megatron.config.cli import resolve_path
 from fg_megatron.data import MicroBatchStream, SFTDataset
 from fg_megatron.losses import sft_loss
+from fg_megatron.models.flops import training_flops
 from fg_megatron.schedule import Batch
 from fg_megatron.trainers.loop import Run, reduce_stats, train
 
-SFT_SUM_KEYS = ("nll", "response_tokens", "samples", "tokens")
+SFT_SUM_KEYS = ("nll", "response_tokens", "samples", "tokens", "flops")
 
 
 def loss_mask_with_prompt(batch: Batch) -> torch.Tensor:
@@ -48,7 +49,8 @@ class SFTTask:
         logp = self.run.logprobs.tokens(head, batch["targets"], batch["loss_mask"])
         nll, ntok = sft_loss(logp, batch["loss_mask"])
         stats = {"nll": nll.detach(), "response_tokens": ntok, "samples": batch["input_ids"].shape[0],
-                 "tokens": batch["lengths"].sum()}
+                 "tokens": batch["lengths"].sum(),
+                 "flops": float(training_flops(self.policy.arch, batch["lengths"].tolist()))}
         return nll, ntok, stats
 
     def step(self, step: int) -> dict:
@@ -59,7 +61,7 @@ class SFTTask:
         stats, info = self.policy.train_step(microbatches, self._loss)
         sums = reduce_stats(self.run.ctx, SFT_SUM_KEYS, stats)
         return {"loss": sums["nll"] / max(sums["response_tokens"], 1.0), "samples": sums["samples"],
-                "tokens": sums["tokens"], "lr": info["lr"], "grad_norm": info["grad_norm"]}
+                "tokens": sums["tokens"], "flops": sums["flops"], "lr": info["lr"], "grad_norm": info["grad_norm"]}
 
     def state_dict(self) -> dict:
         return {"data": self.stream.state_dict()}
