@@ -27,12 +27,12 @@ from fg_megatron.bench.model import ONE_B, TINY  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny shape, 2 steps, sequence 48, fp32 (CPU smoke run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny shape, 2 steps, sequence 48 (CPU smoke run)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 6; --tiny 2)")
     p.add_argument("--micro-batch", type=int, default=None, help="pairs per forward (default 2)")
     p.add_argument("--global-batch", type=int, default=None, help="pairs per step (default 16; --tiny 4)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
-                   help="default bfloat16 (--tiny: float32)")
+                   help="default bfloat16")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the GPU's name)")
     p.add_argument("--keep-checkpoint", action="store_true", help="save the final checkpoint as the trainer does")
     p.add_argument("--workdir", type=Path, default=None, help="model, data and run (default: a temporary dir)")
@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    tiny = dict(shape=TINY, steps=2, micro_batch=2, global_batch=4, prompt_tokens=24, response_tokens=24,
-                dtype="float32") if a.tiny else dict(shape=ONE_B)
+    tiny = dict(shape=TINY, steps=2, micro_batch=2, global_batch=4, prompt_tokens=24,
+                response_tokens=24) if a.tiny else dict(shape=ONE_B)
     given = {"steps": a.steps, "micro_batch": a.micro_batch, "global_batch": a.global_batch, "dtype": a.dtype,
              "peak_tflops": a.peak_tflops, "plan_json": a.plan_json}
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
