@@ -162,7 +162,7 @@ else
     run_stage dpo_1b "$PY" tools/bench_dpo.py --workdir "$WORK/dpo_1b" --out "$OUT_DIR/dpo_1b.json" \
         --plan-json "$OUT_DIR/plan_dpo_1b.json"
     rm -rf "$WORK/dpo_1b"  # 2.5 GB of random weights
-    skip_stage dpo_tiny "not needed: dpo_1b ran"
+    skip_stage dpo_tiny "a GPU run measures dpo_1b instead"
 fi
 
 rc=0

@@ -70,7 +70,7 @@ def environment() -> dict:
     env["liger_kernel"] = {**_importable("liger_kernel"), "dist_version": _version("liger-kernel")}
     env["transformer_engine"] = _importable("transformer_engine")
     env["transformers"] = _importable("transformers")
-    env["fg_megatron_kernels"] = _importable("fg_megatron_kernels")
+    env["fg_megatron_kernels"] = _importable("fg_megatron_kernels.seq_loglik")  # a namespace package: no file of its own
     return env
 
 
