@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,8 @@ def device_peak_tflops() -> Optional[float]:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def trainer_argv(s: BenchSetup, model_dir: Path, data: Path, save: Path) -> list[str]:
+def trainer_argv(s: BenchSetup, model_dir: Path, data: Path, save: Path,
+                 peak_tflops: Optional[float] = None) -> list[str]:
     """The tools/train_dpo.py command line of the run (also recorded in the report)."""
     argv = ["--load", str(model_dir), "--data", str(data), "--save", str(save), "--overwrite",
             "--steps", str(s.steps), "--global-batch-size", str(s.global_batch),
@@ -65,8 +65,8 @@ def trainer_argv(s: BenchSetup, model_dir: Path, data: Path, save: Path) -> list
             "--set", "data.pad_multiple=8", "--set", "data.group_batches=0",
             "--set", "optim.warmup_steps=0", "--set", "train.tensorboard=false", "--set", "train.report_to=[]",
             "--set", "train.log_every=1", "--set", "train.divergence_factor=0"]
-    if s.peak_tflops is not None and _trainer_has_field("peak_tflops"):
-        argv += ["--set", f"train.peak_tflops={s.peak_tflops}"]  # the trainer's MFU metric, where it has one
+    if peak_tflops is not None and _trainer_has_field("peak_tflops"):
+        argv += ["--set", f"train.peak_tflops={peak_tflops}"]  # the trainer's MFU metric, where it has one
     return argv
 
 
@@ -144,7 +144,8 @@ def run_bench(s: BenchSetup) -> dict:
     build_seconds = time.perf_counter() - t0
     plan = run_planner(model_dir, s)
     save = s.workdir / "run"
-    argv = trainer_argv(s, model_dir, data, save)
+    peak_tflops = s.peak_tflops if s.peak_tflops is not None else device_peak_tflops()
+    argv = trainer_argv(s, model_dir, data, save, peak_tflops)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -153,7 +154,6 @@ def run_bench(s: BenchSetup) -> dict:
     train_seconds = time.perf_counter() - t1
     measured = torch.cuda.max_memory_allocated() if cuda else None
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    peak_tflops = s.peak_tflops if s.peak_tflops is not None else device_peak_tflops()
     planned = plan.get("planned_peak_bytes")
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -191,6 +191,3 @@ def format_report(r: dict) -> str:
             f"peak memory measured {gib(r['measured_peak_bytes'])}, planned {gib(r['planned_peak_bytes'])} "
             f"({r.get('planner')}), measured/planned {ratio}")
 
-
-def finite(values: list) -> bool:
-    return all(v is not None and math.isfinite(v) for v in values)
