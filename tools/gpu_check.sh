@@ -73,6 +73,9 @@ PY="${PYTHON:-python3}"
 SITE="${GPU_CHECK_SITE:-/tmp/gpu_check_site}"
 WORK="${GPU_CHECK_WORK:-/tmp/gpu_check_work}"
 export PYTHONUNBUFFERED=1
+# An earlier run's outputs in OUT_DIR would be read as this run's numbers.
+rm -f "$OUT_DIR"/{summary.json,summary.md,env.json,gpu_tests.xml,seq_loglik_h200.json,dpo_1b.json,dpo_tiny.json} \
+    "$OUT_DIR"/{plan_dpo_1b.json,plan_dpo_tiny.json} "$OUT_DIR"/*.log
 : >"$OUT_DIR/stages.jsonl"
 
 # One JSON line per stage; the reason is our own text, stripped of characters JSON would need escaped.
