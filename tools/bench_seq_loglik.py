@@ -25,6 +25,9 @@ process after a warm-up round; ``seconds`` is the minimum over rounds (the
 machine may be shared), ``seconds_median`` the median, ``cpu_seconds`` the
 minimum process CPU time (all threads: a cross-check that other processes'
 load does not skew much).
+Every implementation gets its memory and time ratios to naive and to Liger where those
+ran.  An implementation that cannot run (Liger or megatron-core not importable, no CUDA)
+or fails (out of memory) is listed under ``skipped`` with the reason; the others still run.
 TFLOP/s counts the 6 N V d FLOPs of the three GEMMs of a plain forward +
 backward (ours does 8 N V d: the backward recomputes the logits).
 """
@@ -64,16 +67,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def available(impl: str, requested: bool) -> str | None:
-    """None if ``impl`` can run here, else why not."""
+    """None if ``impl`` can run here, else why not (a note in the report, never a crash)."""
     if impl == "triton" and not CUDA and not requested:
         return "no CUDA (the interpreter is for tests; ask with --impls triton)"
     if impl == "liger":
         if not CUDA:
             return "needs CUDA"
+        try:  # the submodule too: it imports transformers internals that may not match
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure is a note
+            return f"liger-kernel not importable ({type(exc).__name__}: {exc})"[:300]
+    if impl == "megatron":
         try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            return "liger-kernel not installed"
+            from megatron.core import tensor_parallel  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            return f"megatron-core not importable ({type(exc).__name__}: {exc})"[:300]
     return None
 
 
@@ -155,13 +163,33 @@ def measure_peak(impl: str, a) -> int:
     return (_status_kib("VmHWM") - base) * 1024
 
 
+class ImplFailed(RuntimeError):
+    """One implementation failed (out of memory, a compile error): reported, the others still run."""
+
+
 def peak_in_fresh_process(impl: str, argv: list[str]) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, __file__, *argv, "--child", impl], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"memory run of {impl} failed:\n{proc.stderr[-3000:]}")
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        raise ImplFailed(f"memory run failed (exit {proc.returncode}): {lines[-1][:300]}")
     return int(proc.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(results: dict[str, dict]) -> None:
+    """Memory and time of every implementation relative to naive and to Liger (where those ran)."""
+    for base in ("naive", "liger"):
+        if base not in results:
+            continue
+        ref = results[base]
+        for impl, res in results.items():
+            if impl == base:
+                continue
+            res[f"memory_ratio_vs_{base}"] = res["peak_bytes"] / max(ref["peak_bytes"], 1)
+            res[f"time_ratio_vs_{base}"] = res["seconds"] / ref["seconds"]
+            if base == "naive":
+                res["cpu_time_ratio_vs_naive"] = res["cpu_seconds"] / ref["cpu_seconds"]
 
 
 def main(argv=None) -> dict:
@@ -179,33 +207,42 @@ def main(argv=None) -> dict:
             impls.append(impl)
     child_argv = ["--tokens", str(a.tokens), "--hidden", str(a.hidden), "--vocab", str(a.vocab),
                   "--dtype", a.dtype] + (["--chunk-elems", str(a.chunk_elems)] if a.chunk_elems else [])
-    results = {impl: {"peak_bytes": peak_in_fresh_process(impl, child_argv)} for impl in impls}
+    results: dict[str, dict] = {}
+    for impl in impls:
+        try:
+            results[impl] = {"peak_bytes": peak_in_fresh_process(impl, child_argv)}
+        except ImplFailed as exc:
+            skipped[impl] = str(exc)
+    impls = [i for i in impls if i in results]
     inputs = make_inputs(a)
-    steps = {impl: step_fn(impl, a, inputs) for impl in impls}
-    times = {impl: [] for impl in impls}
-    cpu_times = {impl: [] for impl in impls}
+    steps, times, cpu_times = {}, {impl: [] for impl in impls}, {impl: [] for impl in impls}
+    for impl in impls:
+        try:
+            steps[impl] = step_fn(impl, a, inputs)
+        except Exception as exc:  # noqa: BLE001 - e.g. an import that works only in a fresh process
+            skipped[impl] = f"setup failed: {type(exc).__name__}: {exc}"[:300]
+            results.pop(impl)
     for r in range(a.rounds + 1):
-        for impl in impls:
+        for impl in list(steps):
             t0, c0 = time.perf_counter(), time.process_time()
-            steps[impl]()
+            try:
+                steps[impl]()
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory next to the others' inputs
+                skipped[impl] = f"timed run failed: {type(exc).__name__}: {exc}"[:300]
+                del steps[impl]
+                results.pop(impl, None)
+                continue
             if r:  # round 0 warms up (allocator, autotuning, thread pools)
                 times[impl].append(time.perf_counter() - t0)
                 cpu_times[impl].append(time.process_time() - c0)
     flops = 6.0 * a.tokens * a.vocab * a.hidden
-    for impl in impls:
+    for impl in list(results):
         res = results[impl]
         res["seconds"] = min(times[impl])
         res["seconds_median"] = statistics.median(times[impl])
         res["cpu_seconds"] = min(cpu_times[impl])  # all threads; less sensitive to a shared machine
         res["tflops"] = flops / res["seconds"] / 1e12
-    for ours in ("torch", "triton"):
-        if ours in results and "naive" in results:
-            results[ours]["memory_ratio_vs_naive"] = results[ours]["peak_bytes"] / max(results["naive"]["peak_bytes"], 1)
-            results[ours]["time_ratio_vs_naive"] = results[ours]["seconds"] / results["naive"]["seconds"]
-            results[ours]["cpu_time_ratio_vs_naive"] = (results[ours]["cpu_seconds"]
-                                                        / results["naive"]["cpu_seconds"])
-        if ours in results and "liger" in results:
-            results[ours]["time_ratio_vs_liger"] = results[ours]["seconds"] / results["liger"]["seconds"]
+    add_ratios(results)
     device = torch.cuda.get_device_name() if CUDA else f"cpu ({torch.get_num_threads()} threads)"
     report = {"device": device, "torch": torch.__version__,
               "config": {"tokens": a.tokens, "hidden": a.hidden, "vocab": a.vocab, "dtype": a.dtype,
@@ -213,11 +250,12 @@ def main(argv=None) -> dict:
                          "grad_bytes": (a.tokens + a.vocab) * a.hidden * DTYPES[a.dtype].itemsize},
               "results": results, "skipped": skipped}
     print(f"{device}: N={a.tokens} d={a.hidden} V={a.vocab} {a.dtype}, fwd+bwd")
-    print(f"{'impl':10s} {'seconds':>9s} {'median':>9s} {'TFLOP/s':>8s} {'peak MiB':>10s} {'mem/naive':>10s} {'time/naive':>10s}")
+    print(f"{'impl':10s} {'seconds':>9s} {'median':>9s} {'TFLOP/s':>8s} {'peak MiB':>10s} {'mem/naive':>10s} "
+          f"{'time/naive':>10s} {'time/liger':>10s}")
     for impl, r in results.items():
         print(f"{impl:10s} {r['seconds']:9.3f} {r['seconds_median']:9.3f} {r['tflops']:8.3f} "
               f"{r['peak_bytes'] / 2**20:10.1f} {r.get('memory_ratio_vs_naive', float('nan')):10.3f} "
-              f"{r.get('time_ratio_vs_naive', float('nan')):10.3f}")
+              f"{r.get('time_ratio_vs_naive', float('nan')):10.3f} {r.get('time_ratio_vs_liger', float('nan')):10.3f}")
     for impl, why in skipped.items():
         print(f"{impl:10s} skipped: {why}")
     if a.out is not None:
