@@ -35,8 +35,10 @@ MLP block::
     silu_out     SiLU(gate), read by the product's backward                     p T f
     fc2_in       SwiGLU output, input of linear_fc2                             p T f
 
-With f = 4h, no GQA, the sbh terms are 12 + 16 = 28 (paper: 34, of which 6 are dropout
-masks and GELU's extra input) and the score term 6as/h (paper: 5, softmax + dropout).
+In 16-bit with no GQA and f = 8h/3 (Llama's SwiGLU width: the parameters of a 4h GELU MLP)
+the sbh terms are 12 (attention) + 4 + 64/3 (MLP) = 37.3 per layer (paper: 34, of which 3
+are dropout masks; SwiGLU keeps both halves of fc1's output where GELU keeps one) and the
+score term 6as/h (paper: 5 = softmax 2 + dropout mask 1 + dropout output 2).
 
 Tensor parallelism without sequence parallelism: norm_in, qkv_in (both blocks) stay
 replicated on every TP rank (the paper's ``10 sbh``); q, kv, scores, proj_in, fc1_out,

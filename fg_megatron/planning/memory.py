@@ -36,11 +36,12 @@ critic rows ``M``; SFT ``M``; RM ``2 M`` pairs on a value head.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from fg_megatron.models import arch_from_hf_config
-from fg_megatron.models.arch import ModelArch, ModelConfigError
+from fg_megatron.models.arch import VALUE_HEAD, ModelArch, ModelConfigError
 from fg_megatron.models.gpt import DEFAULT_VOCAB_PAD_MULTIPLE
 from fg_megatron.models.value import value_hf_config
 from fg_megatron.parallel import ParallelLayoutError, stage_layer_counts
@@ -177,8 +178,17 @@ def num_microbatches(x: PlanInputs) -> int:
 
 
 def value_arch(hf_config: dict) -> ModelArch:
-    """The value-head model (reward model, critic) a causal LM seeds, as the loader builds it."""
-    return arch_from_hf_config(value_hf_config(hf_config, 0))
+    """The value-head model (reward model, critic) a causal LM seeds, as the loader builds it.
+
+    THUDM's original ChatGLM layout takes no value head (the trainer asks for a conversion
+    to transformers' ``glm`` layout first); that conversion keeps every shape, so the
+    planner sizes the converted model: the LM's arch with a value head and nothing tied."""
+    try:
+        return arch_from_hf_config(value_hf_config(hf_config, 0))
+    except ModelConfigError:
+        if hf_config.get("model_type") != "chatglm":
+            raise
+        return dataclasses.replace(arch_from_hf_config(hf_config), head=VALUE_HEAD, tie_word_embeddings=False)
 
 
 def _model_state(arch: ModelArch, x: PlanInputs, stage: int, layers: int, *, trainable: bool

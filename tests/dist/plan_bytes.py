@@ -2,7 +2,7 @@
 buffers, Adam states and fp32 master weights -- after one optimizer step, for
 fg_megatron.planning to be compared against.
 
-torchrun --nproc-per-node 8 tests/dist/plan_bytes.py --load DIR --tp 2 --pp 2 --out r.json
+torchrun --nproc-per-node 8 tests/dist/plan_bytes.py --case DIR:float32 --case DIR2:bfloat16 --tp 2 --pp 2 --out r.json
 """
 
 import argparse
@@ -19,10 +19,9 @@ from fg_megatron.schedule import position_ids_like
 from fg_megatron.trainers.parts import load_part
 
 p = argparse.ArgumentParser()
-p.add_argument("--load", required=True)
+p.add_argument("--case", action="append", required=True, help="HF_DIR:DTYPE (torch dtype name)")
 p.add_argument("--tp", type=int, default=2)
 p.add_argument("--pp", type=int, default=2)
-p.add_argument("--dtypes", default="float32,bfloat16")
 p.add_argument("--out", required=True)
 args = p.parse_args()
 
@@ -31,8 +30,8 @@ def nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(ctx, dtype: torch.dtype) -> dict:
-    part = load_part("policy", args.load, ctx, dtype=dtype, model_cfg=ModelConfig(), trainable=True,
+def measure(ctx, path: str, dtype: torch.dtype) -> dict:
+    part = load_part("policy", path, ctx, dtype=dtype, model_cfg=ModelConfig(), trainable=True,
                      optim=OptimConfig(lr=1e-4, warmup_steps=0), total_steps=1)
     engine = part.engine
     g = torch.Generator().manual_seed(1 + ctx.dp_rank)
@@ -67,10 +66,11 @@ def measure(ctx, dtype: torch.dtype) -> dict:
 
 ctx = parallel.initialize(args.tp, args.pp, seed=1)
 result = {}
-for name in args.dtypes.split(","):
+for case in args.case:
+    path, _, name = case.rpartition(":")
     rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, measure(ctx, getattr(torch, name)))
-    result[name] = rows
+    dist.all_gather_object(rows, measure(ctx, path, getattr(torch, name)))
+    result[case] = rows
 if dist.get_rank() == 0:
     Path(args.out).write_text(json.dumps(result, indent=1))
 parallel.shutdown()
