@@ -8,7 +8,8 @@ holds the same shapes; DP ranks are alike).
 What a stage holds (``p`` = bytes of the model dtype, ``P`` = its parameter elements,
 ``B`` = megatron-core's grad-buffer elements, :mod:`.params`):
 
-* parameters ``p P``;
+* parameters ``p P`` (the local spec's RMSNorm weights stay fp32 in a 16-bit model:
+  4 bytes, no master copy, a grad buffer of their own);
 * gradients: megatron-core DDP with ``grad_reduce_in_fp32=True`` keeps one fp32 buffer,
   ``4 B`` (``main_grad`` of every parameter is a view into it);
 * optimizer (megatron-core Adam): replicated: ``m`` and ``v`` in fp32 (``8 P``) plus,
@@ -304,7 +305,9 @@ def plan(hf_config: dict, x: PlanInputs, source: str = "") -> Plan:
     notes = []
     if x.optimizer == "distributed" and x.dp > 1:
         notes.append("distributed optimizer: needs NCCL (gloo runs fall back to replicated)")
-    inputs = {**asdict(x), "hf_config": source, "num_microbatches_in_flight_basis": num_microbatches(x)}
+    prompt, new = sequence_split(x)
+    inputs = {**asdict(x), "hf_config": source, "num_microbatches_resolved": num_microbatches(x),
+              "prompt_tokens": prompt, "response_tokens": new}
     model = {"family": arch.family, "layers": arch.num_layers, "hidden": arch.hidden_size,
              "ffn_hidden": arch.ffn_hidden_size, "heads": arch.num_attention_heads,
              "query_groups": arch.num_query_groups, "head_dim": arch.head_dim, "vocab": arch.vocab_size,

@@ -93,16 +93,16 @@ def grad_buffer_numel(params: list[ParamTensor], *, dp: int, distributed_optimiz
         return int(math.ceil(n / div) * div)
 
     end_div = math.lcm(dp, 128)
-    start = bucket_start = 0
-    open_bucket = False
+    start = 0
+    open_bucket = False  # a bucket holds parameters that still await its end padding
     for p in reversed(params):
         start = pad(start, 64)
         if p.shared_embedding and open_bucket:
-            start = bucket_start = pad(start, end_div)
+            start = pad(start, end_div)  # close the bucket before the shared embedding
         stop = start + p.numel
         open_bucket = True
         if p.shared_embedding:
-            start = bucket_start = pad(stop, end_div)
+            start = pad(stop, end_div)  # and give it a bucket of its own
             open_bucket = False
         else:
             start = stop

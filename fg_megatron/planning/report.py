@@ -19,8 +19,8 @@ def render(plan: Plan) -> str:
     x, m = plan.inputs, plan.model
     head = (f"{x['hf_config']} ({m['family']}, {m['params'] / 1e9:.2f}B params, {m['layers']} layers) | "
             f"{x['trainer']} | tp={x['tp']} pp={x['pp']} dp={x['dp']} | micro batch {x['micro_batch']} x seq "
-            f"{x['seq']} | {x['dtype']} | optimizer {x['optimizer']} | recompute {x['recompute']} | "
-            f"log-prob {x['logprob_impl']} | spec {x['spec']}")
+            f"{x['prompt_tokens'] + x['response_tokens']} | {x['dtype']} | optimizer {x['optimizer']} | "
+            f"recompute {x['recompute']} | log-prob {x['logprob_impl']} | spec {x['spec']}")
     cols = [f"stage {s.stage} ({s.layers} L)" for s in plan.per_stage]
     width = max(12, *(len(c) for c in cols))
     label = max(len(r[0]) for r in ROWS)
