@@ -147,11 +147,24 @@ def test_ppo_holds_four_models_and_a_kv_cache():
     assert value_params < sft.params_bytes  # no [V, h] output layer, a [1, h] value head
     # K and V of 32 layers x (512 + 512) tokens x 2 prompts x 8/2 groups x 128 dims, bf16
     assert ppo.kv_cache_bytes == 2 * 32 * 1024 * 2 * 4 * 128 * 2
+    assert ppo.optimizer_step_bytes == 0  # spec te: TE's FusedAdam allocates nothing
     assert ppo.total_bytes == (ppo.params_bytes + ppo.grads_bytes + ppo.optimizer_bytes + ppo.frozen_bytes
                                + max(ppo.activations_bytes + ppo.logprob_bytes, ppo.kv_cache_bytes))
     # flipguard trains the actor on policy and reference rollouts: twice the rows of constraint none
     none = stage_plans(config, replace(x, constraint="none"))[0]
     assert ppo.activations_bytes > none.activations_bytes
+
+
+def test_torch_adamw_step_transient_without_te():
+    """Without TE megatron-core steps torch's AdamW (foreach): sqrt(v) for every element it steps."""
+    _, config = load_hf_config("llama-3-8b")
+    x = PlanInputs(tp=2, dp=2, spec="local", dtype="bf16")
+    rep = stage_plans(config, replace(x, optimizer="replicated"))[0]
+    assert rep.optimizer_step_bytes == rep.grads_bytes == 16_061_054_976  # 4 bytes x 4.015e9 elements
+    dist = stage_plans(config, replace(x, optimizer="distributed"))[0]
+    assert dist.optimizer_step_bytes == dist.grads_bytes // 2  # 4 bytes x a 1/2 shard of the buffer
+    assert rep.total_bytes == rep.params_bytes + rep.grads_bytes + rep.optimizer_bytes + rep.frozen_bytes + max(
+        rep.activations_bytes + rep.logprob_bytes, rep.optimizer_step_bytes)
 
 
 def test_dpo_reference_online_adds_a_frozen_copy():
@@ -208,7 +221,7 @@ def test_cli_table_and_json(tmp_path):
     assert {"inputs", "per_stage", "peak_bytes", "gpu", "gpu_bytes", "fits", "max_micro_batch"} <= set(data)
     assert [s["stage"] for s in data["per_stage"]] == [0, 1]
     keys = {"stage", "layers", "params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes",
-            "logprob_bytes", "frozen_bytes", "kv_cache_bytes", "total_bytes"}
+            "logprob_bytes", "frozen_bytes", "kv_cache_bytes", "optimizer_step_bytes", "total_bytes"}
     assert all(keys <= set(s) for s in data["per_stage"])
     assert data["peak_bytes"] == max(s["total_bytes"] for s in data["per_stage"])
     assert data["gpu"] == "a100-80g" and data["gpu_bytes"] == GPUS["a100-80g"]

@@ -17,6 +17,10 @@ What a stage holds (``p`` = bytes of the model dtype, ``P`` = its parameter elem
   but over this rank's ``B / dp`` shard only (``8 B/dp`` or ``12 B/dp``);
   (torch's Adam also keeps a 4-byte ``step`` per tensor on CPU; fused GPU Adams one per
   group: not counted);
+* optimizer step (transient, after the backward has freed the activations): without
+  Transformer Engine (and apex) megatron-core falls back to ``torch.optim.AdamW``, whose
+  multi-tensor (``foreach``) step allocates ``sqrt(v)`` for all its parameters at once:
+  ``4`` bytes per element it steps.  TE's ``FusedAdam`` (``spec te``) allocates nothing;
 * activations (:mod:`.activations`) and the head's buffers (:mod:`.heads`, last stage);
 * frozen models: DPO ``online`` reference: its parameters ``p P``; ``precompute``: two
   fp32 log-probs per pair of the global batch (the reference is freed before training,
@@ -28,7 +32,8 @@ What a stage holds (``p`` = bytes of the model dtype, ``P`` = its parameter elem
   ``fg_megatron.trainers.rollout``), ``2 L (prompt + new) M g/t d p`` per stage.
 
 Phases do not overlap: PPO generates (KV cache), then trains the actor, then the critic;
-so ``total = params + grads + optimizer + frozen + max(activations + head, kv_cache)``
+and the optimizer step comes after the backward; so ``total = params + grads + optimizer +
+frozen + max(activations + head, kv_cache, optimizer_step)``
 where activations/head are those of the larger training phase.  DPO rows: ``2 M``
 sequences (chosen and rejected in one forward); PPO actor rows ``2 M`` when the
 reference's rollouts are trained on too (``constraint`` kd/flipguard), else ``M``;
@@ -94,11 +99,13 @@ class StagePlan:
     logprob_bytes: int
     frozen_bytes: int
     kv_cache_bytes: int
+    optimizer_step_bytes: int = 0
     total_bytes: int = 0
 
     def __post_init__(self) -> None:
         self.total_bytes = (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.frozen_bytes
-                            + max(self.activations_bytes + self.logprob_bytes, self.kv_cache_bytes))
+                            + max(self.activations_bytes + self.logprob_bytes, self.kv_cache_bytes,
+                                  self.optimizer_step_bytes))
 
 
 @dataclass
@@ -193,8 +200,8 @@ def value_arch(hf_config: dict) -> ModelArch:
 
 
 def _model_state(arch: ModelArch, x: PlanInputs, stage: int, layers: int, *, trainable: bool
-                 ) -> tuple[int, int, int]:
-    """(params, grads, optimizer) bytes of one model on one rank of ``stage``."""
+                 ) -> tuple[int, int, int, int]:
+    """(params, grads, optimizer, optimizer-step transient) bytes of one model on one rank of ``stage``."""
     p = DTYPE_BYTES[x.dtype]
     tensors = params.stage_params(arch, tp=x.tp, pp=x.pp, stage=stage, layers=layers,
                                   vocab_pad_multiple=x.vocab_pad_multiple, norms_fp32=x.spec == "local")
@@ -204,15 +211,18 @@ def _model_state(arch: ModelArch, x: PlanInputs, stage: int, layers: int, *, tra
     high = [t for t in tensors if not (p < 4 and not t.fp32)]
     params_bytes = p * sum(t.numel for t in low) + 4 * sum(t.numel for t in high)
     if not trainable:
-        return params_bytes, 0, 0
+        return params_bytes, 0, 0, 0
     distributed = x.optimizer == "distributed" and x.dp > 1
     buf_low, buf_high = (params.grad_buffer_numel(g, dp=x.dp, distributed_optimizer=distributed) if g else 0
                          for g in (low, high))
     if distributed:  # this rank's 1/dp shard of each buffer: m, v (+ fp32 master of 16-bit params)
         optimizer = (12 * buf_low + 8 * buf_high) // x.dp
+        stepped = (buf_low + buf_high) // x.dp
     else:
         optimizer = 12 * sum(t.numel for t in low) + 8 * sum(t.numel for t in high)
-    return params_bytes, 4 * (buf_low + buf_high), optimizer
+        stepped = sum(t.numel for t in tensors)
+    step = 0 if x.spec == "te" else 4 * stepped  # torch AdamW's foreach sqrt(v)
+    return params_bytes, 4 * (buf_low + buf_high), optimizer, step
 
 
 def _phase(arch: ModelArch, x: PlanInputs, *, rows: int, seq: int, scored: int, stage: int, layers: int,
@@ -240,13 +250,13 @@ def stage_plans(hf_config: dict, x: PlanInputs) -> list[StagePlan]:
     p = DTYPE_BYTES[x.dtype]
     out = []
     for stage, layers in enumerate(counts):
-        prm, grd, opt = _model_state(arch, x, stage, layers, trainable=True)
+        prm, grd, opt, step = _model_state(arch, x, stage, layers, trainable=True)
         frozen = kv = 0
         if x.trainer == "ppo":
             seq = prompt + new
             critic = value_arch(hf_config)
-            c_prm, c_grd, c_opt = _model_state(critic, x, stage, layers, trainable=True)
-            prm, grd, opt = prm + c_prm, grd + c_grd, opt + c_opt
+            c_prm, c_grd, c_opt, c_step = _model_state(critic, x, stage, layers, trainable=True)
+            prm, grd, opt, step = prm + c_prm, grd + c_grd, opt + c_opt, max(step, c_step)  # steps in turn
             frozen = _model_state(arch, x, stage, layers, trainable=False)[0] \
                 + _model_state(critic, x, stage, layers, trainable=False)[0]
             actor_rows = x.micro_batch * (1 if x.constraint == "none" else 2)
@@ -257,7 +267,7 @@ def stage_plans(hf_config: dict, x: PlanInputs) -> list[StagePlan]:
         else:
             if x.trainer == "rm":
                 arch_t = arch if arch.head == "value" else value_arch(hf_config)
-                prm, grd, opt = _model_state(arch_t, x, stage, layers, trainable=True)
+                prm, grd, opt, step = _model_state(arch_t, x, stage, layers, trainable=True)
             else:
                 arch_t = arch
             rows = x.micro_batch * (2 if x.trainer in ("dpo", "rm") else 1)
@@ -268,7 +278,8 @@ def stage_plans(hf_config: dict, x: PlanInputs) -> list[StagePlan]:
                 elif stage == x.pp - 1:
                     frozen = 2 * 4 * x.micro_batch * mbs  # chosen/rejected fp32 log-probs of a step
         out.append(StagePlan(stage=stage, layers=layers, params_bytes=prm, grads_bytes=grd, optimizer_bytes=opt,
-                             activations_bytes=act, logprob_bytes=head, frozen_bytes=frozen, kv_cache_bytes=kv))
+                             activations_bytes=act, logprob_bytes=head, frozen_bytes=frozen, kv_cache_bytes=kv,
+                             optimizer_step_bytes=step))
     return out
 
 

@@ -8,7 +8,8 @@ from fg_megatron.planning.memory import Plan
 ROWS = (("parameters", "params_bytes"), ("gradients (fp32 buffer)", "grads_bytes"),
         ("optimizer (Adam m, v, master)", "optimizer_bytes"), ("activations", "activations_bytes"),
         ("log-prob / value head", "logprob_bytes"), ("frozen models", "frozen_bytes"),
-        ("KV cache (generation)", "kv_cache_bytes"), ("total", "total_bytes"))
+        ("KV cache (generation)", "kv_cache_bytes"), ("optimizer step (transient)", "optimizer_step_bytes"),
+        ("total", "total_bytes"))
 
 
 def _gib(n: int) -> str:
