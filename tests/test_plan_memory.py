@@ -78,30 +78,47 @@ def test_presets_have_the_published_parameter_counts():
 
 
 def test_activation_terms_by_hand():
-    # h=64, a=4, g=2, d=16, f=96; s=8, b=2 -> T=16 tokens; p=2 (bf16)
+    # h=64, a=4, g=2, d=16 (8 rotary dims), f=96; s=8, b=2 -> T=16 tokens; p=2 (bf16)
     arch = arch_from_hf_config(_glm_tiny())
     x = activations.ActivationSetup(seq=8, rows=2, tp=1, dtype_bytes=2, spec="local")
     assert activations.layer_terms(arch, x) == {
-        "attn.norm_in": 2 * 16 * 64 + 4 * 16,  # input + fp32 rstd
+        "attn.norm_in": 8 * 16 * 64 + 4 * 16,  # torch RMSNorm: fp32 x and x * rstd, fp32 rstd
         "attn.qkv_in": 2 * 16 * 64,
         "attn.q": 2 * 16 * 64,
         "attn.kv": 2 * 2 * 16 * 64,  # K, V repeated to all 4 heads by the local attention
         "attn.scores": (4 + 2) * 4 * 8 * 16,  # fp32 softmax + bf16 probs, a s^2 b
         "attn.proj_in": 2 * 16 * 64,
-        "mlp.norm_in": 2 * 16 * 64 + 4 * 16,
+        "attn.rope_mask": 4 * 8 * 8 * 2 + 8 * 8,  # cos/sin for q and k, bool causal mask
+        "mlp.norm_in": 8 * 16 * 64 + 4 * 16,
         "mlp.fc1_in": 2 * 16 * 64,
         "mlp.fc1_out": 2 * 2 * 16 * 96,
         "mlp.silu_out": 2 * 16 * 96,
+        "mlp.up_offset": 2 * 16 * 96,
         "mlp.fc2_in": 2 * 16 * 96,
     }
-    assert activations.layer_bytes(arch, x) == 31872
+    assert activations.layer_bytes(arch, x) == 47808
     te = activations.layer_terms(arch, replace(x, spec="te"))
-    assert (te["attn.kv"], te["attn.scores"]) == (2 * 2 * 16 * 32, 4 * 4 * 16)  # g heads; lse only
+    # TE: norm keeps bf16 x; K at g heads + V's view keeping the [T, hq + 2 hkv] QKV output; lse only
+    assert (te["attn.norm_in"], te["attn.kv"], te["attn.scores"]) == (2 * 16 * 64 + 64, 2 * 16 * (64 + 96), 256)
+    assert "attn.rope_mask" not in te
     tp2 = activations.layer_terms(arch, replace(x, tp=2))
-    assert (tp2["attn.norm_in"], tp2["attn.q"], tp2["mlp.fc1_out"]) == (2112, 1024, 3072)  # replicated vs split
+    assert (tp2["attn.norm_in"], tp2["attn.q"], tp2["mlp.fc1_out"]) == (8256, 1024, 3072)  # replicated vs split
     sp = activations.layer_terms(arch, replace(x, tp=2, sequence_parallel=True))
-    assert (sp["attn.norm_in"], sp["mlp.fc1_in"]) == (1056, 1024)
+    assert (sp["attn.norm_in"], sp["mlp.fc1_in"]) == (4128, 1024)
     assert activations.layer_bytes(arch, replace(x, recompute="full")) == 2 * 16 * 64
+
+
+def test_local_spec_layer_activations_equal_autograds_saved_tensors(tmp_path):
+    """One decoder layer of a real GPTModel (local spec, CPU): the bytes of every storage autograd
+    saves (parameters excluded) equal the planner's per-layer sum, for GQA, MHA (V a view of the
+    QKV output) and GLM (QKV bias, half-rotary), in fp32 and bf16."""
+    got = torchrun_json("plan_activations.py", 1, "--seq", "32", "--rows", "3", out=tmp_path / "a.json")
+    assert len(got) == 6
+    for case, measured in got.items():
+        name, dtype = case.split(":")
+        arch = arch_from_hf_config(tiny_hf_config(name).to_dict())
+        x = activations.ActivationSetup(seq=32, rows=3, dtype_bytes=4 if dtype == "float32" else 2, spec="local")
+        assert activations.layer_bytes(arch, x) == measured, case
 
 
 def test_recompute_orders_none_selective_full_and_pipeline_in_flight():

@@ -14,13 +14,22 @@ saved tensor is recounted.  ``p`` = bytes per activation element (2 for bf16/fp1
 
 Attention block (tensors autograd keeps for the backward)::
 
-    norm_in      input of input_layernorm (RMSNorm saves x and an fp32 rstd)   p T h + 4 T
+    norm_in      what input_layernorm saves: TE's fused RMSNorm keeps x and
+                 an fp32 rstd                                                   p T h + 4 T  (te)
+                 the local spec's torch.nn.RMSNorm (fp32 weight) computes in
+                 fp32 and keeps x and x * rstd in fp32, and rstd                8 T h + 4 T  (local)
     qkv_in       input of linear_qkv (the norm's output)                        p T h
     q            query after RoPE (RoPE's backward needs only cos/sin)          p T hq
-    kv           keys and values the core attention reads:                      2 p T hq  (local)
-                 megatron-core's local DotProductAttention repeat_interleaves
-                 K and V to all a heads before its bmm; TE's fused / flash
-                 attention keeps them at g heads                                2 p T hkv (te)
+    rope, mask   local spec: the cos/sin tables each layer makes for q and k
+                 (4 s r p, r = rotary dims) and the bool causal mask (s^2)       4 s r p + s^2  (local)
+    kv           keys and values the core attention reads.  Q, K, V start as
+                 views of linear_qkv's output [T, hq + 2 hkv]; RoPE makes new
+                 Q and K, but V stays a view, so a saved V keeps that whole
+                 output alive.  megatron-core's local DotProductAttention
+                 repeat_interleaves K and V to all a heads (new tensors) when
+                 g < a:                                                         2 p T hq             (local, g < a)
+                 else K after RoPE + the QKV output under V                     p T (2 hq + 2 hkv)   (local, g = a)
+                 TE's attention reads K and V at g heads (V a view)              p T (hq + 3 hkv)     (te)
     scores       local (unfused, attention_softmax_in_fp32): the fp32 softmax
                  output (softmax backward) and its p-byte copy (probs @ V)      (4 + p) a s T  (4 a s T in fp32)
                  TE's fused / flash attention stores no [s, s] matrix, only
@@ -29,16 +38,20 @@ Attention block (tensors autograd keeps for the backward)::
 
 MLP block::
 
-    norm_in      input of pre_mlp_layernorm + rstd                              p T h + 4 T
+    norm_in      what pre_mlp_layernorm saves (as above)                        p T h + 4 T | 8 T h + 4 T
     fc1_in       input of linear_fc1                                            p T h
     fc1_out      [gate; up] = fc1's output, read by SiLU and the product        2 p T f
     silu_out     SiLU(gate), read by the product's backward                     p T f
+    up_offset    ``up + glu_linear_offset`` (megatron-core's glu adds the 0.0
+                 offset, a new tensor the product saves)                        p T f
     fc2_in       SwiGLU output, input of linear_fc2                             p T f
 
 In 16-bit with no GQA and f = 8h/3 (Llama's SwiGLU width: the parameters of a 4h GELU MLP)
-the sbh terms are 12 (attention) + 4 + 64/3 (MLP) = 37.3 per layer (paper: 34, of which 3
-are dropout masks; SwiGLU keeps both halves of fc1's output where GELU keeps one) and the
-score term 6as/h (paper: 5 = softmax 2 + dropout mask 1 + dropout output 2).
+the TE spec's sbh terms are 12 (attention) + 4 + 80/3 (MLP) = 42.7 per layer (paper: 34, of
+which 3 are dropout masks; SwiGLU keeps both halves of fc1's output and two more f-wide
+tensors where GELU keeps one) and the local spec's score term is 6as/h (paper: 5 =
+softmax 2 + dropout mask 1 + dropout output 2).  The local-spec terms are checked
+tensor for tensor against autograd's saved tensors (``tests/dist/plan_activations.py``).
 
 Tensor parallelism without sequence parallelism: norm_in, qkv_in (both blocks) stay
 replicated on every TP rank (the paper's ``10 sbh``); q, kv, scores, proj_in, fc1_out,
@@ -87,6 +100,13 @@ class ActivationSetup:
     sequence_parallel: bool = False
 
 
+def _kv_width(hq: int, hkv: int, local: bool) -> int:
+    """Width of the K/V storage core attention keeps alive (see the module docstring)."""
+    if local:
+        return 2 * hq if hkv < hq else 2 * hq + 2 * hkv
+    return hq + 3 * hkv
+
+
 def layer_terms(arch: ModelArch, x: ActivationSetup) -> dict[str, int]:
     """Bytes each saved tensor of one decoder layer takes for one micro-batch (no recompute)."""
     p, t, s = x.dtype_bytes, x.tp, x.seq
@@ -97,19 +117,24 @@ def layer_terms(arch: ModelArch, x: ActivationSetup) -> dict[str, int]:
     rep = t if x.sequence_parallel else 1  # divisor of the TP-replicated terms
     local = x.spec == "local"
     scores = (4 + (p if p < 4 else 0)) * a * s * T if local else 4 * a * T
-    return {
-        "attn.norm_in": (p * T * h + 4 * T) // rep,
+    norm = (8 if local else p) * T * h + 4 * T
+    out = {
+        "attn.norm_in": norm // rep,
         "attn.qkv_in": p * T * h // rep,
         "attn.q": p * T * hq // t,
-        "attn.kv": 2 * p * T * (hq if local else hkv) // t,
+        "attn.kv": p * T * _kv_width(hq, hkv, local) // t,
         "attn.scores": scores // t,
         "attn.proj_in": p * T * hq // t,
-        "mlp.norm_in": (p * T * h + 4 * T) // rep,
+        "mlp.norm_in": norm // rep,
         "mlp.fc1_in": p * T * h // rep,
         "mlp.fc1_out": 2 * p * T * f // t,
         "mlp.silu_out": p * T * f // t,
+        "mlp.up_offset": p * T * f // t,
         "mlp.fc2_in": p * T * f // t,
     }
+    if local:
+        out["attn.rope_mask"] = 4 * s * arch.rotary_dim * p + s * s
+    return out
 
 
 def layer_bytes(arch: ModelArch, x: ActivationSetup) -> int:
@@ -135,7 +160,7 @@ def stage_bytes(arch: ModelArch, x: ActivationSetup, *, layers: int, pp: int, st
     if stage < pp - 1:
         per_mb += hidden  # the output tensor kept for the pipeline backward
     else:
-        per_mb += hidden + 4 * x.seq * x.rows  # final norm input + rstd
+        per_mb += layer_terms(arch, x)["attn.norm_in"]  # the final norm saves what a layer's norm does
     total = in_flight(pp, stage, num_microbatches) * per_mb
     if x.recompute == "full":
         # the one layer being recomputed holds its full set during its backward
