@@ -19,12 +19,11 @@ from typing import Optional
 
 import torch
 
+from fg_megatron import platform
 from fg_megatron.bench.model import ROOT, LlamaShape, write_preference_data, write_random_llama
+from fg_megatron.trainers.throughput import device_peak_tflops
 
-# Dense bf16 peak of one GPU, by a name fragment of torch.cuda.get_device_name(): the
-# datasheet numbers MFU is quoted against (Megatron-LM, PaLM).
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
-
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 @dataclasses.dataclass
 class BenchSetup:
@@ -37,20 +36,13 @@ class BenchSetup:
     response_tokens: int = 512
     dtype: str = "bfloat16"
     logprob_impl: str = "auto"
-    peak_tflops: Optional[float] = None  # None: from the device name (PEAK_BF16_TFLOPS), no MFU on CPU
+    peak_tflops: Optional[float] = None  # None: the trainer's table (trainers/throughput.py), no MFU on CPU
     keep_checkpoint: bool = False
     plan_json: Optional[Path] = None  # where tools/plan_memory.py writes its prediction
 
     @property
     def seq(self) -> int:
         return self.prompt_tokens + self.response_tokens
-
-
-def device_peak_tflops() -> Optional[float]:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def trainer_argv(s: BenchSetup, model_dir: Path, data: Path, save: Path,
@@ -65,15 +57,9 @@ def trainer_argv(s: BenchSetup, model_dir: Path, data: Path, save: Path,
             "--set", "data.pad_multiple=8", "--set", "data.group_batches=0",
             "--set", "optim.warmup_steps=0", "--set", "train.tensorboard=false", "--set", "train.report_to=[]",
             "--set", "train.log_every=1", "--set", "train.divergence_factor=0"]
-    if peak_tflops is not None and _trainer_has_field("peak_tflops"):
-        argv += ["--set", f"train.peak_tflops={peak_tflops}"]  # the trainer's MFU metric, where it has one
+    if peak_tflops is not None:
+        argv += ["--set", f"train.peak_tflops={peak_tflops}"]
     return argv
-
-
-def _trainer_has_field(name: str) -> bool:
-    from fg_megatron.config.schema import TrainConfig
-
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def run_training(argv: list[str], keep_checkpoint: bool) -> None:
@@ -99,7 +85,9 @@ def run_planner(model_dir: Path, s: BenchSetup, timeout: float = 120.0) -> dict:
     cmd = [sys.executable, str(tool), "--hf-config", str(model_dir), "--tp", "1", "--pp", "1", "--dp", "1",
            "--micro-batch", str(s.micro_batch), "--seq", str(s.seq), "--dtype", "bf16" if s.dtype == "bfloat16"
            else ("fp16" if s.dtype == "float16" else "fp32"), "--optimizer", "replicated", "--recompute", "none",
-           "--logprob-impl", "fused", "--trainer", "dpo", "--json", str(out)]
+           "--logprob-impl", "fused", "--trainer", "dpo", "--prompt-len", str(s.prompt_tokens),
+           # the planner's layer spec is the one the trainer builds: TE's where it is usable
+           "--spec", "te" if platform.is_transformer_engine_usable() else "local", "--json", str(out)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -113,7 +101,7 @@ def run_planner(model_dir: Path, s: BenchSetup, timeout: float = 120.0) -> dict:
             "planner_json": str(out)}
 
 
-def summarise_metrics(rows: list[dict], s: BenchSetup, peak_tflops: Optional[float]) -> dict:
+def summarise_metrics(rows: list[dict]) -> dict:
     """Mean step time, tokens/s, TFLOP/s and MFU over the steps after the first (warm-up:
     autotuning, allocator growth); with one step that step, flagged."""
     timed = rows[1:] if len(rows) > 1 else rows
@@ -123,15 +111,9 @@ def summarise_metrics(rows: list[dict], s: BenchSetup, peak_tflops: Optional[flo
            "step_seconds_all": [r["step_seconds"] for r in rows], "tokens_per_step": tokens,
            "tokens_per_second": tokens / seconds,
            "losses": [r.get("loss") for r in rows], "grad_norms": [r.get("grad_norm") for r in rows]}
-    if all("tflops" in r for r in timed):  # the trainer's own MFU metrics, where it has them
-        out["tflops"] = statistics.mean(r["tflops"] for r in timed)
-        out["mfu"] = statistics.mean(r["mfu"] for r in timed) if all(r.get("mfu") is not None for r in timed) else None
-        out["tflops_source"] = "trainer metrics.jsonl"
-    else:
-        out["tflops"] = tokens * s.shape.train_flops_per_token(s.seq) / seconds / 1e12
-        out["mfu"] = out["tflops"] / peak_tflops if peak_tflops else None
-        out["tflops_source"] = ("bench_dpo: model FLOPs 6 x matmul weights + 12 L s h_attn per real token "
-                                "(the trainer's metrics.jsonl had no tflops)")
+    # the trainer's own model-FLOP metrics (fg_megatron/models/flops.py, trainers/throughput.py)
+    out["tflops"] = statistics.mean(r["tflops"] for r in timed)
+    out["mfu"] = statistics.mean(r["mfu"] for r in timed) if all("mfu" in r for r in timed) else None
     return out
 
 
@@ -144,7 +126,7 @@ def run_bench(s: BenchSetup) -> dict:
     build_seconds = time.perf_counter() - t0
     plan = run_planner(model_dir, s)
     save = s.workdir / "run"
-    peak_tflops = s.peak_tflops if s.peak_tflops is not None else device_peak_tflops()
+    peak_tflops = s.peak_tflops if s.peak_tflops is not None else device_peak_tflops(DTYPES[s.dtype])
     argv = trainer_argv(s, model_dir, data, save, peak_tflops)
     cuda = torch.cuda.is_available()
     if cuda:
@@ -167,7 +149,7 @@ def run_bench(s: BenchSetup) -> dict:
                   "checkpoint_saved": s.keep_checkpoint},
         "trainer_argv": ["tools/train_dpo.py", *argv],
         "peak_tflops": peak_tflops,
-        "metrics": summarise_metrics(rows, s, peak_tflops),
+        "metrics": summarise_metrics(rows),
         "measured_peak_bytes": measured,
         "measured_peak_note": ("torch.cuda.max_memory_allocated() over the whole run (load, reference "
                                "precompute, training)" if cuda else "no CUDA: not measured"),

@@ -32,27 +32,6 @@ class LlamaShape:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
-    def matmul_params(self) -> int:
-        """Weights that take part in a matmul per token (the output layer counted once
-        even when tied; the embedding lookup is no matmul)."""
-        q_o = 2 * self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        mlp = 3 * self.hidden * self.ffn
-        return self.layers * (q_o + kv + mlp) + self.hidden * self.vocab
-
-    def params(self) -> int:
-        norms = (2 * self.layers + 1) * self.hidden
-        embed = self.hidden * self.vocab
-        return self.matmul_params() + norms + (0 if self.tied else embed)
-
-    def train_flops_per_token(self, seq: int) -> float:
-        """Forward + backward model FLOPs per token (Megatron-LM's convention: 6 x matmul
-        weights, plus the attention score and value matmuls over the whole sequence,
-        causal masking not discounted).  The fused log-likelihood's recomputed logits and
-        activation recomputation are not counted: this is model FLOPs, not hardware FLOPs."""
-        attention = 2 * 2 * seq * self.heads * self.head_dim * self.layers  # QK^T and PV, forward
-        return 3.0 * (2 * self.matmul_params() + attention)
-
 
 # Llama-3.2-1B's shape (1.24 B parameters, tied embeddings, 128k vocabulary): the vocabulary
 # makes the output layer ~20% of the FLOPs, where the fused log-likelihood matters.
