@@ -21,9 +21,8 @@ import torch
 
 from fg_megatron import platform
 from fg_megatron.bench.model import ROOT, LlamaShape, write_preference_data, write_random_llama
+from fg_megatron.trainers.engine import model_dtype
 from fg_megatron.trainers.throughput import device_peak_tflops
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 @dataclasses.dataclass
 class BenchSetup:
@@ -126,7 +125,7 @@ def run_bench(s: BenchSetup) -> dict:
     build_seconds = time.perf_counter() - t0
     plan = run_planner(model_dir, s)
     save = s.workdir / "run"
-    peak_tflops = s.peak_tflops if s.peak_tflops is not None else device_peak_tflops(DTYPES[s.dtype])
+    peak_tflops = s.peak_tflops if s.peak_tflops is not None else device_peak_tflops(model_dtype(s.dtype))
     argv = trainer_argv(s, model_dir, data, save, peak_tflops)
     cuda = torch.cuda.is_available()
     if cuda:

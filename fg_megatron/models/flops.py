@@ -69,8 +69,9 @@ def generation_flops(arch: ModelArch, prompt_length: int, new_tokens: int) -> in
     """Generating ``new_tokens`` after a prompt with a KV cache: the prompt's forward (which
     gives the first new token), then new tokens 1 .. n-1 fed one at a time, token ``i``
     attending over the ``prompt_length + i`` keys cached by then (itself included)."""
-    flops = forward_flops(arch, prompt_length) if new_tokens > 0 else 0
-    per_token = 2 * matmul_params(arch)
-    for i in range(1, new_tokens):
-        flops += per_token + attention_flops(arch, 1, prompt_length + i)
-    return flops
+    if new_tokens < 1:
+        return 0
+    fed = new_tokens - 1
+    # sum over i = 1 .. fed of (prompt_length + i) keys, in closed form: a rollout calls this per row
+    keys = fed * prompt_length + fed * (fed + 1) // 2
+    return forward_flops(arch, prompt_length) + fed * 2 * matmul_params(arch) + attention_flops(arch, 1, keys)
