@@ -55,7 +55,7 @@ def test_step0_identities(reference_run):
     assert m0["ce_loss"] == 0.0 and abs(m0["loss"] - math.log(2)) <= 1e-6
     assert m0["logps_chosen"] < 0
     for key in ("loss", "dpo_loss", "ce_loss", "gate_rate", "rewards_chosen", "rewards_rejected",
-                "reward_margin", "reward_accuracy", "lr", "grad_norm", "tokens_per_second"):
+                "reward_margin", "reward_accuracy", "lr", "grad_norm", "tokens", "tokens_per_second"):
         assert all(key in m and math.isfinite(m[key]) for m in reference_run), key
     assert reference_run[-1]["loss"] != reference_run[0]["loss"]  # it trains
 

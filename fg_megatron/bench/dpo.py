@@ -105,7 +105,7 @@ def summarise_metrics(rows: list[dict]) -> dict:
     autotuning, allocator growth); with one step that step, flagged."""
     timed = rows[1:] if len(rows) > 1 else rows
     seconds = statistics.mean(r["step_seconds"] for r in timed)
-    tokens = statistics.mean(r["tokens_per_second"] * r["step_seconds"] for r in timed)
+    tokens = statistics.mean(r["tokens"] for r in timed)
     out = {"steps_timed": len(timed), "warmup_excluded": len(rows) > 1, "step_seconds": seconds,
            "step_seconds_all": [r["step_seconds"] for r in rows], "tokens_per_step": tokens,
            "tokens_per_second": tokens / seconds,

@@ -329,7 +329,9 @@ def _train(run: Run, make_task: Callable[[Run], Task]) -> dict:
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(f"step {step}: {exc}; latest checkpoint: {_latest_name(run.save_dir)}") from None
             seconds = time.perf_counter() - start
-            metrics.update(step_seconds=seconds, tokens_per_second=metrics.pop("tokens", 0.0) / max(seconds, 1e-9))
+            # the exact count stays next to the rate: tokens/s x seconds does not round-trip in floats
+            tokens = metrics.pop("tokens", 0.0)
+            metrics.update(step_seconds=seconds, tokens=tokens, tokens_per_second=tokens / max(seconds, 1e-9))
             metrics.update(throughput_metrics(metrics.get("flops"), seconds, ctx.world_size, peak))
             norms = _weight_norms(run)
             metrics["weight_norm"] = norms[run.primary]
